@@ -1,0 +1,236 @@
+"""One schema for a whole run: a section per stage, read from YAML plus ``--set a.b=value`` overrides.
+
+Every section forbids unknown keys, so a typo is an error that names the dotted path of the bad key and
+what was expected, never a silently ignored setting. Field docstrings are the CLI's help text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the dotted key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class RunSection(Section):
+    name: str = "mmsae"
+    """Name of the run: the MLflow parent run's name and the default output folder's name."""
+    workdir: str = "runs/mmsae"
+    """Local path or s3:// URI under which stages write their artifacts unless a stage names its own."""
+    seed: int = 0
+    """Seed for every random choice of the run."""
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    """Log every stage to MLflow."""
+    uri: str | None = None
+    """MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else a sqlite file `mlflow.db` in the working directory."""
+    experiment: str = "mmsae"
+    """MLflow experiment name (ignored when $MLFLOW_EXPERIMENT_ID or $MLFLOW_RUN_ID are set by Kubeflow)."""
+
+
+class ToyWorldConfig(Section):
+    n_train: int = Field(8000, ge=1)
+    """Number of training images."""
+    n_heldout: int = Field(500, ge=1)
+    """Number of held-out images (disjoint seeds), used to measure the toy LMM's captions."""
+    min_size: int = Field(64, ge=32)
+    """Smallest image side in pixels."""
+    max_size: int = Field(96, ge=32)
+    """Largest image side in pixels."""
+    max_objects: int = Field(2, ge=1, le=4)
+    """Most objects per scene (at least one)."""
+    colors: list[str] = ["red", "green", "blue", "yellow", "purple", "orange", "white"]
+    """Object colours (names known to the generator)."""
+    textures: list[str] = ["solid", "striped", "dotted", "checkered"]
+    """Object textures (names known to the generator)."""
+    shapes: list[str] = ["square"]
+    """Object shapes; shapes are hard for the toy LMM, so no threshold depends on them."""
+    seed: int = 0
+    """Seed of the generator: the same seed gives the same images, byte for byte."""
+
+
+class ToyLMMConfig(Section):
+    base_size: int = Field(48, ge=16)
+    """Side of the base view (and of each AnyRes tile) in pixels."""
+    patch_size: int = Field(16, ge=2)
+    """Vision patch size in pixels (must divide base_size)."""
+    grid_pinpoints: list[list[int]] | None = None
+    """AnyRes resolutions as [height, width] pairs, multiples of base_size; default: every grid of up to 2x2
+    tiles ([[b, b], [b, 2b], [2b, b], [2b, 2b]] for b = base_size)."""
+    vision_hidden: int = Field(128, ge=8)
+    """Width of the CLIP vision tower."""
+    vision_layers: int = Field(3, ge=1)
+    """Depth of the CLIP vision tower."""
+    vision_heads: int = Field(4, ge=1)
+    """Attention heads of the CLIP vision tower."""
+    text_hidden: int = Field(128, ge=8)
+    """Width of the Llama text model."""
+    text_layers: int = Field(4, ge=1)
+    """Depth of the Llama text model."""
+    text_heads: int = Field(4, ge=1)
+    """Attention heads of the Llama text model (half as many key/value heads)."""
+    steps: int = Field(2800, ge=1)
+    """Optimiser steps of caption training (the result depends on steps, never on wall time)."""
+    batch_size: int = Field(32, ge=1)
+    """Images per training step."""
+    lr: float = Field(2e-3, gt=0)
+    """Peak learning rate (linear warm-up, cosine decay)."""
+    warmup_frac: float = Field(0.05, ge=0, lt=1)
+    """Fraction of the steps spent warming the learning rate up linearly from zero."""
+    min_lr_frac: float = Field(0.05, ge=0, le=1)
+    """Learning rate at the last step, as a fraction of the peak."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay."""
+    eval_batch_size: int = Field(100, ge=1)
+    """Held-out images per batch of greedy captioning when measuring accuracy."""
+    seed: int = 0
+    """Seed of the model's initialisation and of the batch order."""
+
+
+class CacheConfig(Section):
+    image_set: str = ""
+    """Image set URI (HF dataset on disk, parquet or image folder; local or s3://); empty: the pipeline's input."""
+    split: str | None = None
+    """Split of a DatasetDict to read (default: `train`, or the only split)."""
+    model: str = ""
+    """LMM URI (save_pretrained directory, local or s3://); empty: the pipeline's input."""
+    out: str = ""
+    """Where to write the activation shards; empty: `<run.workdir>/cache`."""
+    layers: list[int | str] = [-2]
+    """Hook points: decoder-layer indices (negative from the end) or module names; one shard set each."""
+    tokens: Literal["image", "text", "all"] = "image"
+    """Which tokens to keep: image tokens (every view, newline tokens included), text tokens, or all."""
+    prompt: str | None = None
+    """Text around the image, with `<image>` where the image goes; default: the model's own (or `<image>`)."""
+    batch_size: int = Field(8, ge=1)
+    """Images per forward pass."""
+    shard_rows: int = Field(65536, ge=1)
+    """Rows (tokens) per shard, at least; shards hold whole images."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Storage dtype of the activations."""
+    model_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Dtype the model runs in (bfloat16 on GPUs)."""
+    device: str = "auto"
+    """`auto` (cuda when present, with one device per local rank), `cpu` or `cuda:N`."""
+    max_images: int | None = Field(None, ge=1)
+    """Cache only the first N images of the set."""
+    num_workers: int = Field(1, ge=0)
+    """Image-decoding and preprocessing worker processes (0: in the main process)."""
+
+
+class RunConfig(Section):
+    run: RunSection = RunSection()
+    tracking: TrackingConfig = TrackingConfig()
+    toyworld: ToyWorldConfig = ToyWorldConfig()
+    toylmm: ToyLMMConfig = ToyLMMConfig()
+    cache: CacheConfig = CacheConfig()
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key `{path}`")
+        else:
+            got = e.get("input")
+            lines.append(f"{source}: `{path}`: {e['msg']} (got {got!r})")
+    return "\n".join(lines)
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data['a']['b'] = value`` for ``dotted='a.b'``, creating sections as needed."""
+    keys = dotted.split(".")
+    if not all(keys):
+        raise ConfigError(f"override key {dotted!r}: expected dotted names like `cache.batch_size`")
+    node = data
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override `{dotted}`: `{k}` is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=[1, 2]"]`` into a nested dict; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. `cache.batch_size=8`")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override `{key}`: value {raw!r} is not valid YAML: {e}") from e
+        set_dotted(out, key.strip(), value)
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run config from a YAML file (or the defaults when ``path`` is None), then apply overrides."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
+        data = loaded
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        source = f"{source} (with overrides)"
+    return from_dict(data, source)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The config as YAML, every default written out (what a stage records in its manifest)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+
+def config_from_yaml(text: str, source: str = "config") -> RunConfig:
+    """Parse a run config from YAML text (how KFP components receive it)."""
+    try:
+        data = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return from_dict(data, source)

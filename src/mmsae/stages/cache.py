@@ -1,0 +1,453 @@
+"""Stage cache: run an LMM over an image set and store one or more layers' activations as shards.
+
+Reads: an image set (``cache.image_set``) and an LMM (``cache.model``; LLaVA, LLaVA-NeXT or
+LLaVA-OneVision). Writes: an activation-shard artifact at ``cache.out`` (format in
+``mmsae.activations``): every kept token's activation with its image, sequence position, view (base
+image or AnyRes tile), and patch row/column.
+
+- Memory is bounded whatever the image set's size: a shard is written as soon as it is full.
+- Resumable: each rank records after every shard where it stands (``progress-RRR.json``); a rerun with
+  the same config continues after the last complete shard, and the result is byte-for-byte the same.
+- Data-parallel: under ``torchrun`` or the ``deepspeed`` launcher (RANK / WORLD_SIZE / LOCAL_RANK) each
+  rank takes a contiguous block of images and writes its own shards; rank 0 seals the artifact with one
+  manifest once every rank is done.
+- Unreadable images are skipped, counted and listed in the manifest; a set with no usable image is an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from mmsae import activations as A
+from mmsae import storage, tracking
+from mmsae.config import CacheConfig, RunConfig, dump_config
+from mmsae.stages.common import record_summary, stage_uri
+
+log = logging.getLogger(__name__)
+
+STEP = "cache"
+PROGRESS = "progress-{rank:03d}.json"
+IMAGES_FILE = "images.json"
+
+
+class CacheError(RuntimeError):
+    """The cache stage cannot go on (no usable image, a mismatch with an earlier partial run, ...)."""
+
+
+@dataclass(frozen=True)
+class CacheOutputs:
+    uri: str
+    figures: dict[str, Any]
+
+
+@dataclass
+class _Progress:
+    """What one rank has durably written: resume from ``next_chunk``."""
+
+    next_chunk: int = 0
+    next_shard: int = 0
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    shards: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    images: list[list[int]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    rows: int = 0
+    done: bool = False
+    config_hash: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """A deep snapshot: the writer thread serialises it while this object goes on changing."""
+        return copy.deepcopy(self.__dict__)
+
+
+def run(cfg: RunConfig, image_set: str | None = None, model: str | None = None,
+        parent_run_id: str | None = None) -> CacheOutputs:
+    """Cache activations; ``image_set`` / ``model`` override the config's URIs (pipeline inputs)."""
+    c = cfg.cache.model_copy(update={
+        "image_set": image_set or cfg.cache.image_set,
+        "model": model or cfg.cache.model,
+        "out": cfg.cache.out or stage_uri(cfg.run.workdir, STEP),
+    })
+    if not c.image_set:
+        raise CacheError("cache.image_set is empty: give the image set's URI")
+    if not c.model:
+        raise CacheError("cache.model is empty: give the LMM's URI")
+    rank, world, local_rank = _dist_env()
+    with tracking.stage_run(
+        STEP, parent_run_id=parent_run_id, config={"cache": c.model_dump(mode="json")},
+        uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
+        enabled=cfg.tracking.enabled and rank == 0,
+    ) as tr:
+        figures = _cache(c, rank, world, local_rank, tr)
+        if rank == 0:
+            tr.log_metrics(figures)
+            record_summary(cfg.run.workdir, STEP, figures)
+    return CacheOutputs(c.out, figures)
+
+
+def config_hash(c: CacheConfig) -> str:
+    """What must match for a rerun to resume earlier work (everything that changes the bytes)."""
+    keep = c.model_dump(mode="json", exclude={"num_workers", "device"})
+    return hashlib.sha256(dump_config(CacheConfig(**keep)).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+
+def _dist_env() -> tuple[int, int, int]:
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return rank, world, local_rank
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _device(c: CacheConfig, local_rank: int) -> torch.device:
+    if c.device == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(c.device)
+
+
+def _cache(c: CacheConfig, rank: int, world: int, local_rank: int, tr: tracking.StageTracker) -> dict[str, Any]:
+    from mmsae.data.images import load_image_set
+    from mmsae.models import capture, load_lmm, resolve_hookpoint
+
+    chash = config_hash(c)
+    try:
+        sealed = storage.read_manifest(c.out, kind=A.KIND)
+    except (FileNotFoundError, storage.ManifestError):
+        sealed = None
+    if sealed is not None:
+        if sealed.extra.get("config_hash") == chash:
+            log.info("activation shards already complete at %s", c.out)
+            return dict(sealed.extra["figures"])
+        raise CacheError(
+            f"{c.out} already holds activation shards made with another config "
+            f"(hash {sealed.extra.get('config_hash')} != {chash}); choose another cache.out"
+        )
+
+    ds = load_image_set(c.image_set, c.split)
+    n_total = len(ds) if c.max_images is None else min(len(ds), c.max_images)
+    if n_total == 0:
+        raise CacheError(f"image set {c.image_set} has no images")
+    lo, hi = rank * n_total // world, (rank + 1) * n_total // world
+    chunks = [list(range(i, min(i + c.batch_size, hi))) for i in range(lo, hi, c.batch_size)]
+
+    lmm = load_lmm(c.model, dtype=c.model_dtype, device=_device(c, local_rank))
+    hooks = [resolve_hookpoint(lmm.model, layer) for layer in c.layers]
+    hook_names = [h.name for h in hooks]
+    if len(set(hook_names)) != len(hook_names):
+        raise CacheError(f"cache.layers names the same hook point twice: {hook_names}")
+    prompt = c.prompt if c.prompt is not None else _default_prompt(c.model)
+
+    for own in (f"progress-{rank:03d}", f"shard-{rank:03d}-"):  # left by a writer killed mid-write
+        storage.remove_stale_temps(c.out, of=own)
+    progress = _load_progress(c.out, rank, chash, hook_names)
+    t0 = time.perf_counter()
+    images_done = rows_done = bytes_written = 0
+    writer = ThreadPoolExecutor(max_workers=1)  # writes overlap the next forward passes
+    pending: list[Future] = []
+
+    buffers: dict[str, list[dict[str, torch.Tensor]]] = {h: [] for h in hook_names}
+    buffered_rows = 0
+    set_start = chunks[progress.next_chunk][0] if progress.next_chunk < len(chunks) else hi
+    loader = _loader(ds, chunks[progress.next_chunk :], lmm.processor, prompt, c.num_workers)
+    bar = tqdm(total=len(chunks), initial=progress.next_chunk, desc=f"cache rank {rank}", unit="batch",
+               disable=rank != 0)
+    for j, batch in enumerate(loader, start=progress.next_chunk):
+        progress.skipped.extend(batch["skipped"])
+        if batch["ok"]:
+            cols = _forward(lmm, hooks, batch, c, capture)
+            for h in hook_names:
+                buffers[h].append(cols[h])
+            n_rows = int(cols[hook_names[0]]["acts"].shape[0])
+            buffered_rows += n_rows
+            rows_done += n_rows
+            images_done += len(batch["ok"])
+            progress.images.extend([[i, w, hh] for i, (w, hh) in zip(batch["ok"], batch["sizes"], strict=True)])
+        last = j == len(chunks) - 1
+        progress.next_chunk = j + 1
+        if buffered_rows >= c.shard_rows or (last and buffered_rows > 0):
+            span_end = chunks[j][-1] + 1
+            blobs = {}
+            for h in hook_names:
+                name = f"{h}/{A.shard_name(rank, progress.next_shard)}"
+                cols = _concat(buffers[h])
+                data = A.encode_shard(cols, {"hookpoint": h, "first_image": set_start, "end_image": span_end})
+                blobs[name] = data
+                progress.files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+                progress.shards.setdefault(h, []).append({
+                    "name": name, "rows": int(cols["acts"].shape[0]),
+                    "first_image": set_start, "end_image": span_end})
+            progress.next_shard += 1
+            progress.rows += buffered_rows
+            buffers = {h: [] for h in hook_names}
+            buffered_rows = 0
+            set_start = span_end
+            bytes_written += sum(len(b) for b in blobs.values())
+            pending.append(writer.submit(_write_set, c.out, rank, blobs, progress.to_json()))
+            pending = _reap(pending)
+            dt = time.perf_counter() - t0
+            tr.log_metrics({"images_per_s": images_done / dt, "tokens_per_s": rows_done / dt,
+                            "bytes_written": bytes_written}, step=progress.next_shard)
+        elif buffered_rows == 0:
+            set_start = chunks[j][-1] + 1
+        bar.update(1)
+    bar.close()
+    for f in pending:
+        f.result()
+    writer.shutdown()
+    progress.done = True
+    _save_progress(c.out, rank, progress.to_json())
+    elapsed = time.perf_counter() - t0
+    _barrier(world)
+    if rank != 0:
+        return {}
+    return _seal(c, chash, world, hook_names, lmm, elapsed, images_done, rows_done, bytes_written)
+
+
+# ---------------------------------------------------------------------------------------------------
+# images in, tokens out
+
+def _default_prompt(model_uri: str) -> str:
+    """The prompt a model's artifact recommends (the toy LMM records its own), else just the image."""
+    try:
+        return str(storage.read_manifest(model_uri).extra.get("prompt", "<image>"))
+    except (FileNotFoundError, storage.ManifestError):
+        return "<image>"
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Chunk j -> decoded, preprocessed batch; bad images are skipped and reported, not raised."""
+
+    def __init__(self, ds, chunks: list[list[int]], processor, prompt: str):
+        self.ds, self.chunks, self.processor, self.prompt = ds, chunks, processor, prompt
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        ok, images, sizes, skipped = [], [], [], []
+        for i in self.chunks[j]:
+            try:
+                img = _decode(self.ds[i]["image"])
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+                skipped.append({"image_idx": i, "error": f"{type(e).__name__}: {e}"})
+                continue
+            ok.append(i)
+            images.append(img)
+            sizes.append(img.size)
+        inputs = None
+        if images:
+            inputs = self.processor(images=images, text=[self.prompt] * len(images), padding=True,
+                                    return_tensors="pt")
+        return {"ok": ok, "sizes": sizes, "skipped": skipped, "inputs": inputs}
+
+
+def _decode(value: Any) -> Image.Image:
+    """An image cell (bytes/path dict from an undecoded HF column, or a PIL image) as RGB."""
+    if isinstance(value, Image.Image):
+        img = value
+    elif isinstance(value, dict) and value.get("bytes"):
+        img = Image.open(io.BytesIO(value["bytes"]))
+    elif isinstance(value, dict) and value.get("path"):
+        img = Image.open(value["path"])
+    else:
+        raise ValueError(f"no image data in cell of type {type(value).__name__}")
+    img.load()
+    if img.width < 1 or img.height < 1:
+        raise ValueError(f"empty image {img.size}")
+    return img.convert("RGB")
+
+
+def _loader(ds, chunks, processor, prompt, num_workers):
+    import datasets
+
+    if "image" in ds.features and isinstance(ds.features["image"], datasets.Image):
+        ds = ds.cast_column("image", datasets.Image(decode=False))
+    return torch.utils.data.DataLoader(
+        _Batches(ds, chunks, processor, prompt), batch_size=None, shuffle=False,
+        num_workers=num_workers, prefetch_factor=2 if num_workers else None,
+    )
+
+
+@torch.inference_mode()
+def _forward(lmm, hooks, batch, c: CacheConfig, capture) -> dict[str, dict[str, torch.Tensor]]:
+    """One forward pass; returns per hook point the kept rows with their geometry columns."""
+    from mmsae.models import token_geometry
+
+    inputs = batch["inputs"]
+    device = next(lmm.model.parameters()).device
+    model_inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    if "pixel_values" in model_inputs:
+        model_inputs["pixel_values"] = model_inputs["pixel_values"].to(next(lmm.model.parameters()).dtype)
+    with capture(lmm.model, hooks, stop_early=True) as acts:
+        lmm.model(**model_inputs)
+    ids = inputs["input_ids"]
+    attn = inputs.get("attention_mask", torch.ones_like(ids)).bool()
+    geo = token_geometry(lmm.family, lmm.config, ids, inputs.get("image_sizes"), lmm.processor,
+                         batch_num_images=inputs.get("batch_num_images"))
+    view = torch.as_tensor(np.asarray(geo.view))
+    if c.tokens == "image":
+        keep = (view != A.VIEW_TEXT) & attn
+    elif c.tokens == "text":
+        keep = (view == A.VIEW_TEXT) & attn
+    else:
+        keep = attn.clone()
+    # position in the unpadded sequence, so padding (left or right) never changes a row
+    pos = torch.cumsum(attn.long(), dim=1) - 1
+    b_idx = torch.as_tensor(batch["ok"], dtype=torch.int64)[:, None].expand_as(ids)
+    sel = keep.nonzero(as_tuple=True)
+    index_cols = {
+        "image_idx": b_idx[sel],
+        "token_pos": pos[sel].to(torch.int32),
+        "view": view[sel].to(torch.int16),
+        "row": torch.as_tensor(np.asarray(geo.row))[sel].to(torch.int16),
+        "col": torch.as_tensor(np.asarray(geo.col))[sel].to(torch.int16),
+    }
+    out = {}
+    dtype = A.DTYPES[c.dtype]
+    for h in hooks:
+        x = acts[h.name]
+        rows = x[sel[0].to(x.device), sel[1].to(x.device)].to("cpu", dtype)
+        out[h.name] = {"acts": rows, **index_cols}
+    return out
+
+
+def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([p[k] for p in parts]) for k in A.COLUMNS}
+
+
+# ---------------------------------------------------------------------------------------------------
+# durability: shards, progress, seal
+
+def _progress_uri(out: str, rank: int) -> str:
+    return storage.join(out, PROGRESS.format(rank=rank))
+
+
+def _write_set(out: str, rank: int, blobs: dict[str, bytes], progress: dict[str, Any]) -> None:
+    """Write one shard set, then the progress that names it (so progress never names a missing shard)."""
+    for name, data in blobs.items():
+        storage.write_bytes(storage.join(out, name), data)
+    _save_progress(out, rank, progress)
+
+
+def _save_progress(out: str, rank: int, progress: dict[str, Any]) -> None:
+    storage.write_json(_progress_uri(out, rank), progress)
+
+
+def _reap(pending: list[Future]) -> list[Future]:
+    """Raise a failed write at once; keep at most two sets in flight (bounded memory)."""
+    for f in [f for f in pending if f.done()]:
+        f.result()
+    pending = [f for f in pending if not f.done()]
+    while len(pending) > 2:
+        pending.pop(0).result()
+    return pending
+
+
+def _load_progress(out: str, rank: int, chash: str, hook_names: list[str]) -> _Progress:
+    uri = _progress_uri(out, rank)
+    if not storage.exists(uri):
+        return _Progress(config_hash=chash)
+    data = storage.read_json(uri)
+    if data.get("config_hash") != chash:
+        raise CacheError(
+            f"{uri} records a partial run made with another config (hash {data.get('config_hash')} != {chash}); "
+            "rerun with the same config to resume, or choose another cache.out"
+        )
+    p = _Progress(**data)
+    # shards written after the last recorded progress (killed in between) are redone; drop them
+    known = set(p.files)
+    for h in hook_names:
+        try:
+            names = storage.list_files(storage.join(out, h))
+        except FileNotFoundError:
+            continue
+        for n in names:
+            parsed = A.parse_shard_name(n)
+            if parsed and parsed[0] == rank and f"{h}/{n}" not in known:
+                storage.delete(storage.join(out, h, n))
+    log.info("rank %d resumes at batch %d (%d shards done)", rank, p.next_chunk, p.next_shard)
+    return p
+
+
+def _seal(c: CacheConfig, chash: str, world: int, hook_names: list[str], lmm, elapsed: float,
+          images_done: int, rows_done: int, bytes_written: int) -> dict[str, Any]:
+    """Rank 0: merge every rank's progress into one manifest (written last) and drop the progress files."""
+    ranks = [storage.read_json(_progress_uri(c.out, r)) for r in range(world)]
+    not_done = [r for r, p in enumerate(ranks) if not p.get("done")]
+    if not_done:
+        raise CacheError(f"ranks {not_done} did not finish; rerun to resume them")
+    files: dict[str, dict[str, Any]] = {}
+    shards: dict[str, list[dict[str, Any]]] = {h: [] for h in hook_names}
+    images: list[list[int]] = []
+    skipped: list[dict[str, Any]] = []
+    for p in ranks:
+        files.update(p["files"])
+        for h in hook_names:
+            shards[h].extend(p["shards"].get(h, []))
+        images.extend(p["images"])
+        skipped.extend(p["skipped"])
+    images.sort()
+    if not images:
+        raise CacheError(
+            f"image set {c.image_set} has no usable image: all {len(skipped)} images failed to decode "
+            f"(first: {skipped[0]['error'] if skipped else 'none'})"
+        )
+    images_blob = json.dumps({"images": images, "skipped": skipped}, sort_keys=True).encode()
+    storage.write_bytes(storage.join(c.out, IMAGES_FILE), images_blob)
+    files[IMAGES_FILE] = {"sha256": hashlib.sha256(images_blob).hexdigest(), "bytes": len(images_blob)}
+    total_rows = sum(s["rows"] for s in shards[hook_names[0]])
+    d = int(getattr(lmm.config, "text_config", lmm.config).hidden_size)
+    figures = {
+        "images": len(images),
+        "images_skipped": len(skipped),
+        "tokens": total_rows,
+        "shards": len(shards[hook_names[0]]),
+        "images_per_s_rank0": images_done / elapsed if elapsed > 0 else 0.0,
+        "tokens_per_s_rank0": rows_done / elapsed if elapsed > 0 else 0.0,
+        "bytes_written": sum(f["bytes"] for f in files.values()),
+    }
+    storage.write_manifest(
+        c.out, A.KIND, files=files, config={"cache": c.model_dump(mode="json")},
+        inputs={"image_set": c.image_set, "model": c.model}, format_version=A.FORMAT_VERSION,
+        extra={
+            "config_hash": chash, "hookpoints": hook_names, "d": d, "dtype": c.dtype, "tokens": c.tokens,
+            "family": lmm.family, "world_size": world, "shards": shards, "figures": figures,
+            "skipped": skipped, "geometry": _grid_info(lmm),
+        },
+    )
+    for r in range(world):
+        storage.delete(_progress_uri(c.out, r))
+    log.info("sealed %s: %s", c.out, figures)
+    return figures
+
+
+def _grid_info(lmm) -> dict[str, Any]:
+    vc = lmm.config.vision_config
+    info: dict[str, Any] = {"image_size": int(vc.image_size), "patch_size": int(vc.patch_size),
+                            "grid": int(vc.image_size) // int(vc.patch_size)}
+    pinpoints = getattr(lmm.config, "image_grid_pinpoints", None)
+    if pinpoints:
+        info["image_grid_pinpoints"] = [list(p) for p in pinpoints]
+    return info

@@ -1,0 +1,252 @@
+"""The cache stage on tiny LLaVA-family models: geometry, batching, resume, data parallelism, bad input."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmsae import activations as A
+from mmsae import storage
+from mmsae.config import RunConfig
+from mmsae.models import capture, load_lmm, resolve_hookpoint, save_tiny, token_geometry
+from mmsae.stages import cache
+
+SIZES = [(40, 40), (64, 32), (30, 70), (50, 45), (33, 33), (70, 20), (48, 64), (41, 39)]
+
+
+def _png(w: int, h: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_image_set(path: Path, sizes=SIZES, corrupt: tuple[int, ...] = ()) -> str:
+    cells = []
+    for i, (w, h) in enumerate(sizes):
+        data = b"not an image at all" if i in corrupt else _png(w, h, i)
+        cells.append({"bytes": data, "path": None})
+    ds = datasets.Dataset.from_dict({"image": cells}, features=datasets.Features({"image": datasets.Image()}))
+    ds.save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache-world")
+    models = {f: str(save_tiny(f, root / f, text_layers=3)) for f in ("llava", "llava_next", "llava_onevision")}
+    return {"images": make_image_set(root / "images"), "models": models, "root": root}
+
+
+def _cfg(out, image_set, model, **cache_kw) -> RunConfig:
+    cfg = RunConfig()
+    cfg.tracking.enabled = False
+    cfg.run.workdir = str(out).rsplit("/", 1)[0] + "/work"
+    cfg.cache = cfg.cache.model_copy(update={"image_set": image_set, "model": model, "out": str(out),
+                                             "num_workers": 0, **cache_kw})
+    return cfg
+
+
+def _all_rows(uri: str, hookpoint: str) -> dict[str, torch.Tensor]:
+    shards = A.ActivationShards(uri)
+    parts = list(shards.iter_shards(hookpoint))
+    return {k: torch.cat([p[k] for p in parts]) for k in A.COLUMNS}
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision"])
+def test_rows_equal_single_image_forward_and_geometry(world, tmp_path, family):
+    """Every cached row is the activation of that token in an unbatched forward, with its geometry."""
+    out = tmp_path / "acts"
+    cfg = _cfg(out, world["images"], world["models"][family], layers=[0, -1], tokens="all", batch_size=3,
+               shard_rows=50)
+    result = cache.run(cfg)
+    assert result.figures["images"] == len(SIZES)
+    lmm = load_lmm(world["models"][family])
+    hooks = [resolve_hookpoint(lmm.model, layer) for layer in (0, -1)]
+    shards = A.ActivationShards(str(out))
+    assert shards.hookpoints == [h.name for h in hooks]
+    assert shards.d == lmm.config.text_config.hidden_size
+    assert len(shards.shards()) > 1  # several shards, each whole images
+    for h in hooks:
+        rows = _all_rows(str(out), h.name)
+        for i, (w, hgt) in enumerate(SIZES):
+            img = Image.open(io.BytesIO(_png(w, hgt, i))).convert("RGB")
+            inputs = lmm.processor(images=[img], text=["<image>"], return_tensors="pt")
+            with capture(lmm.model, hooks) as acts, torch.inference_mode():
+                lmm.model(**inputs)
+            ref = acts[h.name][0]
+            geo = token_geometry(family, lmm.config, inputs["input_ids"], inputs.get("image_sizes"),
+                                 lmm.processor, batch_num_images=inputs.get("batch_num_images"))
+            mine = rows["image_idx"] == i
+            pos = rows["token_pos"][mine].long()
+            assert sorted(pos.tolist()) == list(range(ref.shape[0]))  # every token, once
+            torch.testing.assert_close(rows["acts"][mine], ref[pos], atol=2e-5, rtol=1e-4)
+            assert np.array_equal(rows["view"][mine].numpy(), geo.view[0][pos.numpy()])
+            assert np.array_equal(rows["row"][mine].numpy(), geo.row[0][pos.numpy()])
+            assert np.array_equal(rows["col"][mine].numpy(), geo.col[0][pos.numpy()])
+            n_image_tokens = int((inputs["input_ids"][0] == lmm.config.image_token_id).sum())
+            assert int((rows["view"][mine] != A.VIEW_TEXT).sum()) == n_image_tokens
+
+
+def test_image_tokens_only_by_default_and_dtype(world, tmp_path):
+    out = tmp_path / "acts"
+    cache.run(_cfg(out, world["images"], world["models"]["llava_next"], dtype="bfloat16"))
+    shards = A.ActivationShards(str(out))
+    rows = _all_rows(str(out), shards.hookpoints[0])
+    assert rows["acts"].dtype == torch.bfloat16
+    assert (rows["view"] != A.VIEW_TEXT).all()
+    assert set(rows["view"].tolist()) >= {0, 1, A.VIEW_NEWLINE}  # base view, tiles and newlines
+    m = storage.read_manifest(str(out), kind=A.KIND)
+    assert m.extra["figures"]["images"] == len(SIZES)
+    assert m.inputs["model"] == world["models"]["llava_next"]
+
+
+def test_corrupt_images_are_skipped_and_listed(tmp_path, world):
+    images = make_image_set(tmp_path / "imgs", corrupt=(1, 5))
+    out = tmp_path / "acts"
+    result = cache.run(_cfg(out, images, world["models"]["llava"]))
+    assert result.figures["images"] == len(SIZES) - 2
+    assert result.figures["images_skipped"] == 2
+    m = storage.read_manifest(str(out), kind=A.KIND)
+    assert [s["image_idx"] for s in m.extra["skipped"]] == [1, 5]
+    rows = _all_rows(str(out), m.extra["hookpoints"][0])
+    assert not set(rows["image_idx"].tolist()) & {1, 5}
+
+
+def test_no_usable_image_is_an_error(tmp_path, world):
+    images = make_image_set(tmp_path / "imgs", sizes=SIZES[:3], corrupt=(0, 1, 2))
+    with pytest.raises(cache.CacheError, match="no usable image"):
+        cache.run(_cfg(tmp_path / "acts", images, world["models"]["llava"]))
+
+
+def test_layer_out_of_range_names_the_valid_range(tmp_path, world):
+    with pytest.raises(ValueError, match=r"out of range.*0\.\.2"):
+        cache.run(_cfg(tmp_path / "acts", world["images"], world["models"]["llava"], layers=[7]))
+
+
+def test_completed_artifact_is_reused_and_other_config_refused(tmp_path, world):
+    out = tmp_path / "acts"
+    cfg = _cfg(out, world["images"], world["models"]["llava"])
+    cache.run(cfg)
+    before = {n: storage.read_bytes(storage.join(str(out), n)) for n in storage.list_files(str(out))}
+    cache.run(cfg)
+    after = {n: storage.read_bytes(storage.join(str(out), n)) for n in storage.list_files(str(out))}
+    assert before == after
+    with pytest.raises(cache.CacheError, match="another config"):
+        cache.run(_cfg(out, world["images"], world["models"]["llava"], layers=[1]))
+
+
+def test_cache_to_s3(world, s3_env):
+    out = storage.join(s3_env, "acts")
+    cache.run(_cfg(out, world["images"], world["models"]["llava_next"], shard_rows=100))
+    storage.verify_artifact(out, kind=A.KIND)
+    shards = A.ActivationShards(out)
+    assert shards.num_rows() > 0
+    assert not [n for n in storage.list_files(out) if n.startswith("progress-")]
+
+
+# ------------------------------------------------------------------------------------------------
+# processes: kill -9 and resume; two ranks
+
+
+def _cli_args(out: Path, images: str, model: str, **kw) -> list[str]:
+    sets = {"cache.image_set": images, "cache.model": model, "cache.out": str(out), "cache.num_workers": 0,
+            "tracking.enabled": "false", "run.workdir": str(out.parent / "work"), **kw}
+    args = ["cache"]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    return args
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("many")
+    sizes = [SIZES[i % len(SIZES)] for i in range(40)]
+    return make_image_set(root / "images", sizes=sizes)
+
+
+def test_kill_9_then_rerun_gives_byte_identical_shards(tmp_path, world, many_images):
+    model = world["models"]["llava_next"]
+    kw = {"cache.batch_size": 2, "cache.shard_rows": 100, "cache.layers": "[0, 2]"}
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "-m", "mmsae.cli", *_cli_args(ref, many_images, model, **kw)],
+                   check=True, env=_env(), capture_output=True)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "mmsae.cli", *_cli_args(out, many_images, model, **kw)],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = out / "progress-000.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if progress.exists() and len(list((out / "layers.0").glob("shard-*"))) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+
+    subprocess.run([sys.executable, "-m", "mmsae.cli", *_cli_args(out, many_images, model, **kw)],
+                   check=True, env=_env(), capture_output=True)
+    got, want = _files(out), _files(ref)
+    assert set(got) ^ set(want) == set()
+    # every data file byte for byte; the manifest differs only in its creation time
+    bad = [n for n in want if got[n] != want[n] and n != "manifest.json"]
+    assert bad == [], (got[bad[0]][:600], want[bad[0]][:600])
+    m_got, m_want = storage.read_manifest(str(out)), storage.read_manifest(str(ref))
+    assert m_got.files == m_want.files
+    assert m_got.extra["shards"] == m_want.extra["shards"]
+
+
+def test_two_ranks_union_equals_one_process(tmp_path, world, many_images):
+    model = world["models"]["llava_next"]
+    kw = {"cache.batch_size": 4, "cache.shard_rows": 200}
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, "-m", "mmsae.cli", *_cli_args(one, many_images, model, **kw)],
+                   check=True, env=_env(), capture_output=True)
+    two = tmp_path / "two"
+    port = 29000 + os.getpid() % 1000
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         "-m", "mmsae.cli", *_cli_args(two, many_images, model, **kw)],
+        env=_env(), capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = storage.read_manifest(str(two), kind=A.KIND)
+    assert m.extra["world_size"] == 2
+    assert {int(n.split("-")[1]) for n in m.files if n.startswith("layers.")} == {0, 1}
+
+    def table(uri):
+        hp = A.ActivationShards(uri).hookpoints[0]
+        rows = _all_rows(uri, hp)
+        order = torch.argsort(rows["image_idx"] * 100000 + rows["token_pos"].long())
+        return {k: v[order] for k, v in rows.items()}
+
+    a, b = table(str(one)), table(str(two))
+    for k in A.INDEX_COLUMNS:
+        assert torch.equal(a[k], b[k]), k
+    torch.testing.assert_close(a["acts"], b["acts"], atol=1e-5, rtol=1e-5)

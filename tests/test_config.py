@@ -1,0 +1,68 @@
+import pytest
+
+from mmsae.config import ConfigError, RunConfig, config_from_yaml, dump_config, load_config, parse_overrides
+
+
+def test_defaults_load_without_a_file():
+    cfg = load_config(None)
+    assert cfg == RunConfig()
+
+
+def test_yaml_file_and_overrides_merge(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("run:\n  name: exp1\ntoyworld:\n  n_train: 10\n  seed: 3\n")
+    cfg = load_config(p, ["toyworld.seed=7", "toyworld.colors=[red, blue]"])
+    assert cfg.run.name == "exp1"
+    assert cfg.toyworld.n_train == 10
+    assert cfg.toyworld.seed == 7
+    assert cfg.toyworld.colors == ["red", "blue"]
+
+
+def test_unknown_key_is_rejected_with_its_dotted_path(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("toyworld:\n  n_trian: 10\n")
+    with pytest.raises(ConfigError, match=r"unknown key `toyworld\.n_trian`"):
+        load_config(p)
+
+
+def test_wrong_type_names_the_key_and_what_was_expected(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["toylmm.steps=many"])
+    msg = str(e.value)
+    assert "`toylmm.steps`" in msg and "integer" in msg and "'many'" in msg
+
+
+def test_out_of_range_value_is_rejected():
+    with pytest.raises(ConfigError, match=r"`toyworld\.n_train`"):
+        load_config(None, ["toyworld.n_train=0"])
+
+
+def test_missing_file_and_malformed_yaml_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(top)
+
+
+def test_bad_override_syntax_is_explained():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["toyworld.seed"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(None, ["run.name=x", "run.name.sub=1"])
+
+
+def test_dump_and_reparse_round_trips():
+    cfg = load_config(None, ["toyworld.n_train=12", "run.workdir=s3://bucket/x"])
+    again = config_from_yaml(dump_config(cfg))
+    assert again == cfg
+
+
+def test_field_docstrings_become_descriptions():
+    fields = RunConfig.model_fields["toyworld"].annotation.model_fields
+    assert "training images" in fields["n_train"].description
