@@ -62,3 +62,14 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
     bucket = f"test-{uuid.uuid4().hex[:16]}"
     s3_server.create_bucket(bucket)
     return f"s3://{bucket}/base"
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny tensors: one thread avoids OpenMP/MKL hand-off costs, which dominate on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

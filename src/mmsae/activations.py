@@ -125,3 +125,141 @@ class ActivationShards:
 
     def num_rows(self, hookpoint: str | None = None) -> int:
         return sum(s.rows for s in self.shards(hookpoint))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training batches: shuffled across shards, deterministic, resumable, split over data-parallel ranks
+
+
+@dataclass
+class StreamState:
+    """Where a :class:`BatchStream` stands: resume a run by handing this back."""
+
+    epoch: int = 0
+    window: int = 0
+    batch: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "window": self.window, "batch": self.batch}
+
+
+def heldout_images(image_idx: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Bool mask: rows whose image is held out (a seeded hash of the image index, stable across runs)."""
+    if fraction <= 0:
+        return torch.zeros_like(image_idx, dtype=torch.bool)
+    h = (image_idx.to(torch.int64) * 0x9E3779B1 + (seed + 1) * 0x85EBCA77) % 1_000_003
+    return h < int(fraction * 1_000_003)
+
+
+def token_mask(cols: dict[str, torch.Tensor], tokens: str) -> torch.Tensor:
+    """Rows of the chosen kind: 'image' (every image token), 'text', or 'all'."""
+    if tokens == "all":
+        return torch.ones_like(cols["view"], dtype=torch.bool)
+    is_text = cols["view"] == VIEW_TEXT
+    return ~is_text if tokens == "image" else is_text
+
+
+class BatchStream:
+    """Yields ``(state_after, {hookpoint: x [rows_per_rank, d]})`` batches of a global size.
+
+    Every epoch permutes the shards (seeded by ``seed`` and the epoch); ``window_shards`` consecutive shards
+    form a window whose rows (every hook point alike) are permuted together and cut into global batches;
+    rank ``r`` of ``world`` takes the ``r``-th slice of each global batch, so the global batches do not depend
+    on the world size. Rows that do not fill a whole batch at the end of a window are left out of that
+    epoch. The next window is read in a background thread while the current one is consumed.
+    """
+
+    def __init__(
+        self,
+        shards: ActivationShards,
+        hookpoints: list[str],
+        batch_size: int,
+        *,
+        epochs: int = 1,
+        seed: int = 0,
+        window_shards: int = 4,
+        rank: int = 0,
+        world: int = 1,
+        tokens: str = "all",
+        heldout_fraction: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} does not divide by the world size {world}")
+        self.shards, self.hookpoints = shards, hookpoints
+        self.batch_size, self.epochs, self.seed = batch_size, epochs, seed
+        self.window_shards, self.rank, self.world = window_shards, rank, world
+        self.tokens, self.heldout_fraction, self.dtype = tokens, heldout_fraction, dtype
+        self.n_shards = len(shards.shards(hookpoints[0]))
+        for h in hookpoints[1:]:
+            if len(shards.shards(h)) != self.n_shards:
+                raise ShardFormatError(f"hook points {hookpoints[0]} and {h} of {shards.uri} differ in shard count")
+
+    def windows(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n_shards, generator=g).tolist()
+        w = self.window_shards
+        return [order[i : i + w] for i in range(0, len(order), w)]
+
+    def estimated_steps(self) -> int:
+        """Batches in the whole run, from the manifest's row counts (held-out share estimated)."""
+        rows = self.shards.num_rows(self.hookpoints[0]) * (1.0 - self.heldout_fraction)
+        return max(1, int(self.epochs * rows // self.batch_size))
+
+    def _load_window(self, epoch: int, wi: int, shard_ids: list[int]) -> dict[str, torch.Tensor]:
+        refs = {h: self.shards.shards(h) for h in self.hookpoints}
+        per_hook: dict[str, list[torch.Tensor]] = {h: [] for h in self.hookpoints}
+        keeps = []
+        for s in shard_ids:
+            first = None
+            for h in self.hookpoints:
+                cols = self.shards.read(refs[h][s])
+                if first is None:
+                    first = cols
+                    keep = token_mask(cols, self.tokens) & ~heldout_images(
+                        cols["image_idx"], self.heldout_fraction, self.seed)
+                    keeps.append(keep)
+                elif not torch.equal(cols["token_pos"], first["token_pos"]):
+                    raise ShardFormatError(f"shard {refs[h][s].name} rows do not line up with {refs[self.hookpoints[0]][s].name}")
+                per_hook[h].append(cols["acts"])
+        keep = torch.cat(keeps)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_007 + wi)
+        n = int(keep.sum())
+        perm = torch.randperm(n, generator=g)
+        out = {}
+        for h in self.hookpoints:
+            x = torch.cat(per_hook[h])[keep]
+            bad = ~torch.isfinite(x).all(dim=1)
+            if bool(bad.any()):
+                raise ShardFormatError(
+                    f"{self.shards.uri}: hook point {h} holds NaN or inf in window shards "
+                    f"{[refs[h][s].name for s in shard_ids]}"
+                )
+            out[h] = x[perm].to(self.dtype)
+        return out
+
+    def __iter__(self):
+        raise TypeError("use stream.iterate(state)")
+
+    def iterate(self, state: StreamState | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        state = state or StreamState()
+        plan = [(e, wi, ids) for e in range(state.epoch, self.epochs) for wi, ids in enumerate(self.windows(e))
+                if e > state.epoch or wi >= state.window]
+        if not plan:
+            return
+        per_rank = self.batch_size // self.world
+        lo, hi = self.rank * per_rank, (self.rank + 1) * per_rank
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(self._load_window, *plan[0])
+            for i, (epoch, wi, _ids) in enumerate(plan):
+                rows = future.result()
+                if i + 1 < len(plan):
+                    future = pool.submit(self._load_window, *plan[i + 1])
+                n_batches = next(iter(rows.values())).shape[0] // self.batch_size
+                start = state.batch if (epoch, wi) == (state.epoch, state.window) else 0
+                for b in range(start, n_batches):
+                    base = b * self.batch_size
+                    after = StreamState(epoch, wi, b + 1)
+                    yield after, {h: x[base + lo : base + hi] for h, x in rows.items()}

@@ -129,12 +129,85 @@ class CacheConfig(Section):
     """Image-decoding and preprocessing worker processes (0: in the main process)."""
 
 
+class SaeVariant(Section):
+    name: str = ""
+    """Folder name of this SAE under train.out (default: `k{k}-m{num_latents}`)."""
+    num_latents: int | None = Field(None, ge=1)
+    """Dictionary width; default train.num_latents."""
+    k: int | None = Field(None, ge=1)
+    """Active latents per token; default train.k."""
+
+
+class TrainConfig(Section):
+    shards: str = ""
+    """Activation-shard artifact URI; empty: the pipeline's input (or `<run.workdir>/cache`)."""
+    out: str = ""
+    """Where the SAE checkpoints go; empty: `<run.workdir>/train`."""
+    hookpoints: list[str] = []
+    """Hook points of the shards to train on (one SAE each); empty: all of them."""
+    num_latents: int | None = Field(None, ge=1)
+    """Dictionary width; default `expansion_factor * d`."""
+    expansion_factor: int = Field(32, ge=1)
+    """Width as a multiple of the activation width, when num_latents is not given."""
+    k: int = Field(64, ge=1)
+    """Active latents per token (TopK)."""
+    sweep: list[SaeVariant] = []
+    """Several SAEs trained at once from one pass over the data (each a width and k); empty: one SAE."""
+    tokens: Literal["image", "text", "all"] = "all"
+    """Which cached tokens to train on."""
+    batch_size: int = Field(4096, ge=2)
+    """Tokens per optimiser step, over all ranks (must divide by the world size)."""
+    epochs: int = Field(1, ge=1)
+    """Passes over the training tokens."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many steps (default: the end of the last epoch)."""
+    window_shards: int = Field(4, ge=1)
+    """Shards read and shuffled together (rows of a window are permuted; shard order too, per epoch)."""
+    lr: float | None = Field(None, gt=0)
+    """Peak learning rate; default 2e-4 / sqrt(num_latents / 2**14)."""
+    lr_warmup_steps: int = Field(1000, ge=0)
+    """Linear warm-up steps (capped at a tenth of the run)."""
+    lr_decay: Literal["cosine", "linear", "none"] = "cosine"
+    """Decay after warm-up, down to lr_final_fraction of the peak."""
+    lr_final_fraction: float = Field(0.1, ge=0, le=1)
+    """Final learning rate as a fraction of the peak."""
+    auxk_alpha: float = Field(1 / 32, ge=0)
+    """Weight of the AuxK loss on dead latents (0 disables it)."""
+    k_aux: int | None = Field(None, ge=1)
+    """Dead latents used by AuxK; default d / 2."""
+    dead_tokens: int = Field(10_000_000, ge=1)
+    """A latent is dead when it has not fired for this many tokens."""
+    multi_topk: bool = False
+    """Add the Multi-TopK loss (4k latents, weight 1/8)."""
+    b_dec_init: Literal["geometric_median", "mean"] = "geometric_median"
+    """How the decoder bias is initialised from the first batch."""
+    grad_clip: float = Field(0.0, ge=0)
+    """Clip the global gradient norm to this value (0: off)."""
+    zero_stage: int = Field(2, ge=0, le=2)
+    """DeepSpeed ZeRO stage: 0, 1 or 2 (optimizer state and gradients sharded; the SAE weights stay whole)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: bf16 autocast on GPUs (fp32 master weights), fp32 on the CPU."""
+    device: str = "auto"
+    """`auto` (cuda:LOCAL_RANK when present), `cpu` or `cuda:N`."""
+    heldout_fraction: float = Field(0.05, ge=0, lt=1)
+    """Share of images held out of training, for the final FVU figures."""
+    checkpoint_every: int = Field(1000, ge=1)
+    """Save the full training state every this many steps (and at the end)."""
+    log_every: int = Field(50, ge=1)
+    """Log metrics every this many steps."""
+    seed: int = 0
+    """Seed of initialisation and data order."""
+    cpu_shm_comm: bool = False
+    """On the CPU, build DeepSpeed's shared-memory collective op (a C++ compile of minutes, once)."""
+
+
 class RunConfig(Section):
     run: RunSection = RunSection()
     tracking: TrackingConfig = TrackingConfig()
     toyworld: ToyWorldConfig = ToyWorldConfig()
     toylmm: ToyLMMConfig = ToyLMMConfig()
     cache: CacheConfig = CacheConfig()
+    train: TrainConfig = TrainConfig()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -1,0 +1,5 @@
+"""Benchmarks: each module has ``main(out_dir) -> dict`` that prints its figures and writes ``<name>.json``.
+
+Figures are ratios against a baseline measured side by side in the same run, never absolute timings
+compared across runs.
+"""

@@ -1,0 +1,14 @@
+"""KFP components: one thin wrapper per stage around ``mmsae.stages.<stage>.run``.
+
+Each component receives the whole run config as YAML text (so one schema governs the CLI, the components
+and the tests), the URIs of its inputs and the MLflow parent run id; it writes the URIs of its big outputs
+into small pointer artifacts. Components run in the images built from ``images/`` (``mmsae`` and ``kfp``
+preinstalled), so they install nothing at start.
+"""
+
+import os
+
+#: Image of the CPU stages; override at compile time with $MMSAE_BASE_IMAGE.
+BASE_IMAGE = os.environ.get("MMSAE_BASE_IMAGE", "ghcr.io/mmsae/mmsae-base:0.1.0")
+#: Image of the GPU stages (CUDA + DeepSpeed); override with $MMSAE_TRAIN_IMAGE.
+TRAIN_IMAGE = os.environ.get("MMSAE_TRAIN_IMAGE", "ghcr.io/mmsae/mmsae-train:0.1.0")

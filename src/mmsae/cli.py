@@ -1,0 +1,174 @@
+"""The ``mmsae`` command: one sub-command per stage, plus the demo and the pipeline tools.
+
+Every command takes ``--config FILE`` (a run config in YAML) and ``--set key.sub=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mmsae.config import ConfigError, RunConfig, dump_config, load_config
+
+app = typer.Typer(help="Find and explain the SAE features of large multimodal models.", no_args_is_help=True)
+toyworld_app = typer.Typer(help="The built-in toy world: generated scenes and a tiny captioning LLaVA-NeXT.")
+pipeline_app = typer.Typer(help="The Kubeflow pipeline: compile it for a cluster.")
+config_app = typer.Typer(help="Inspect and validate run configs.")
+app.add_typer(toyworld_app, name="toyworld")
+app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(config_app, name="config")
+
+log = logging.getLogger("mmsae")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Run config (YAML); defaults if omitted.")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="Override a config key: --set cache.batch_size=8 (repeatable).")
+]
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _config(path: Path | None, overrides: list[str] | None) -> RunConfig:
+    try:
+        return load_config(path, overrides or [])
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved run config (file + overrides + defaults) as YAML."""
+    typer.echo(dump_config(_config(config, set_)), nl=False)
+
+
+@toyworld_app.command("build")
+def toyworld_build(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    workdir: Annotated[str | None, typer.Option(help="Where to write (local path or s3://); default run.workdir.")] = None,
+) -> None:
+    """Build the toy world and train (or reuse) the toy LMM.
+
+    Reads the `toyworld` and `toylmm` config sections. Writes WORKDIR/toyworld/images (HF dataset on disk
+    with images, captions, concepts and per-concept masks) and WORKDIR/toyworld/lmm (the trained toy
+    LLaVA-NeXT). Prints the toy LMM's held-out (colour, texture) caption accuracy.
+    """
+    from mmsae.stages import toyworld
+
+    cfg = _config(config, set_)
+    if workdir:
+        cfg.run.workdir = workdir
+    out = toyworld.run(cfg)
+    typer.echo(json.dumps({"image_set": out.image_set_uri, "lmm": out.lmm_uri, **out.figures}, indent=2))
+
+
+@app.command()
+def cache(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    image_set: Annotated[str | None, typer.Option(help="Image set URI (overrides cache.image_set).")] = None,
+    model: Annotated[str | None, typer.Option(help="LMM URI (overrides cache.model).")] = None,
+    out: Annotated[str | None, typer.Option(help="Output URI (overrides cache.out).")] = None,
+) -> None:
+    """Cache one or more layers' activations of an LMM over an image set.
+
+    Reads the `cache` config section, the image set (HF dataset on disk, parquet or image folder) and the
+    LMM (LLaVA / LLaVA-NeXT / LLaVA-OneVision, save_pretrained layout), local or s3://. Writes activation
+    shards (acts + image_idx, token_pos, view, row, col) and a manifest to cache.out (default
+    RUN.WORKDIR/cache). Resumes an interrupted run; under torchrun or the deepspeed launcher each rank
+    caches its share of the images.
+    """
+    from mmsae.stages import cache as stage
+
+    cfg = _config(config, set_)
+    if out:
+        cfg.cache.out = out
+    result = stage.run(cfg, image_set=image_set, model=model)
+    if result.figures:
+        typer.echo(json.dumps({"shards": result.uri, **result.figures}, indent=2))
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    shards: Annotated[str | None, typer.Option(help="Activation-shard URI (overrides train.shards).")] = None,
+    out: Annotated[str | None, typer.Option(help="Output URI (overrides train.out).")] = None,
+) -> None:
+    """Train TopK SAEs on cached activations with DeepSpeed.
+
+    Reads the `train` config section and an activation-shard artifact (local or s3://). Writes the SAEs in
+    sparsify's layout (<hookpoint>/cfg.json + sae.safetensors, one folder per sweep variant), metrics.json,
+    the DeepSpeed training state (state/, for resume) and a manifest to train.out (default
+    RUN.WORKDIR/train). Run it as is for one process, or under the deepspeed launcher or torchrun.
+    """
+    from mmsae.stages import train as stage
+
+    cfg = _config(config, set_)
+    if out:
+        cfg.train.out = out
+    result = stage.run(cfg, shards=shards)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(json.dumps({"sae": result.uri, **result.figures}, indent=2))
+
+
+@app.command()
+def demo(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("demo-output"),
+) -> None:
+    """Run the whole pipeline on this machine (kfp.local) on the toy world.
+
+    Writes OUT/work (artifacts), OUT/mlflow.db (tracking), OUT/summary.json (each step's figures).
+    """
+    from mmsae.demo import run_demo
+
+    summary = run_demo(_config(config, set_), out)
+    typer.echo(json.dumps(summary, indent=2, sort_keys=True))
+    typer.echo(f"summary: {Path(out).resolve() / 'summary.json'}")
+    typer.echo(f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}")
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    out: Annotated[Path, typer.Option(help="Folder for the compiled pipeline IR YAML files.")] = Path("pipelines/compiled"),
+) -> None:
+    """Compile the pipelines to KFP IR YAML (upload them in the KFP UI or with `kfp pipeline create`)."""
+    from kfp import compiler
+
+    from mmsae.pipelines.sae_interp import sae_interp
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "sae_interp.yaml"
+    compiler.Compiler().compile(sae_interp, str(path))
+    typer.echo(str(path))
+
+
+def entry() -> None:
+    """Console entry point; accepts the ``--local_rank=N`` the deepspeed launcher appends."""
+    args = []
+    for a in sys.argv[1:]:
+        if a.startswith("--local_rank"):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1] if "=" in a else "0")
+            continue
+        args.append(a)
+    app(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

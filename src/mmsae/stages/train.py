@@ -1,0 +1,467 @@
+"""Stage train: TopK sparse autoencoders on cached activations, trained through DeepSpeed.
+
+Reads: an activation-shard artifact (``train.shards``). Writes to ``train.out``: per SAE
+``[<variant>/]<hookpoint>/cfg.json + sae.safetensors`` (EleutherAI sparsify's layout), ``metrics.json``,
+``state/`` (DeepSpeed checkpoints with the data position and dead-latent counters, for resume) and a
+manifest of kind ``sae`` written last.
+
+One process or many: started in-process for one rank, or by the ``deepspeed`` launcher / ``torchrun``
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); nothing assumes SSH. Every rank reads the
+same windows of shards and trains on its slice of each global batch; the losses are normalised by the
+global batch's variance, so W ranks compute the same step as one rank with the same global batch.
+Several SAEs (a sweep over width and k, or several hook points) train from one pass over the data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from mmsae import activations as A
+from mmsae import storage, tracking
+from mmsae.config import RunConfig, TrainConfig
+from mmsae.stages.common import record_summary, stage_uri
+
+log = logging.getLogger(__name__)
+
+STEP = "train"
+KIND = "sae"
+STATE_DIR = "state"
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or go on; the message says what is wrong with which input."""
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    uri: str
+    figures: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    hookpoint: str
+    num_latents: int
+    k: int
+    lr: float
+
+    @property
+    def key(self) -> str:
+        """Name inside the DeepSpeed module (no dots allowed)."""
+        return f"{self.name}__{self.hookpoint}".replace(".", "_")
+
+    @property
+    def path(self) -> str:
+        return f"{self.name}/{self.hookpoint}" if self.name else self.hookpoint
+
+
+def run(cfg: RunConfig, shards: str | None = None, parent_run_id: str | None = None) -> TrainOutputs:
+    """Train the configured SAE(s); ``shards`` overrides ``train.shards`` (the pipeline's input)."""
+    t = cfg.train.model_copy(update={
+        "shards": shards or cfg.train.shards or stage_uri(cfg.run.workdir, "cache"),
+        "out": cfg.train.out or stage_uri(cfg.run.workdir, STEP),
+    })
+    rank, world, local_rank = _init_distributed(t)
+    with tracking.stage_run(
+        STEP, parent_run_id=parent_run_id, config={"train": t.model_dump(mode="json")},
+        uri=cfg.tracking.uri, experiment=cfg.tracking.experiment, enabled=cfg.tracking.enabled and rank == 0,
+    ) as tr:
+        figures = Trainer(t, rank, world, local_rank, tr).fit()
+        if rank == 0:
+            record_summary(cfg.run.workdir, STEP, figures)
+    return TrainOutputs(t.out, figures)
+
+
+# ---------------------------------------------------------------------------------------------------
+# processes and devices
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_distributed(t: TrainConfig) -> tuple[int, int, int]:
+    """Join the launcher's process group (or make a one-rank group in-process) through DeepSpeed."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # started in-process: one rank
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                           "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and t.device != "cpu"
+    if not cuda and not t.cpu_shm_comm:
+        # The shared-memory collective op is a C++ extension compiled on first use (minutes); gloo
+        # does the same job without it. Marking it incompatible makes DeepSpeed skip the build.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+    return rank, world, local_rank
+
+
+def _device(t: TrainConfig, local_rank: int) -> torch.device:
+    if t.device == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(t.device)
+
+
+def default_lr(num_latents: int) -> float:
+    """The inverse-square-root scaling of Gao et al.: 2e-4 at 16k latents."""
+    return 2e-4 / math.sqrt(num_latents / 2**14)
+
+
+def lr_multiplier(step: int, total: int, warmup: int, decay: str, final: float) -> float:
+    """Warm-up then decay, as a multiple of the peak learning rate, for optimiser step ``step``."""
+    warmup = min(warmup, max(1, total // 10))
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "none" or total <= warmup:
+        return 1.0
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * frac)) if decay == "cosine" else 1.0 - frac
+    return final + (1.0 - final) * shape
+
+
+# ---------------------------------------------------------------------------------------------------
+# the module DeepSpeed trains: every SAE of the run
+
+
+class SaeBundle(nn.Module):
+    """All SAEs of a run in one module; ``forward`` returns the summed loss of one global step."""
+
+    def __init__(self, variants: list[Variant], d: int, t: TrainConfig):
+        from mmsae.sae.model import SaeConfig, TopKSAE
+
+        super().__init__()
+        self.variants = variants
+        self.saes = nn.ModuleDict()
+        for v in variants:
+            sae_cfg = SaeConfig(d_in=d, num_latents=v.num_latents, k=v.k, multi_topk=t.multi_topk,
+                                expansion_factor=max(1, v.num_latents // d))
+            self.saes[v.key] = TopKSAE(sae_cfg)
+        # ZeRO keeps a master copy of the weights that in-place rescaling would not reach, so decoder rows
+        # are normalised in the forward pass (which also removes the gradient along each row)
+        for sae in self.saes.values():
+            sae.normalize_in_forward = True
+
+    def forward(self, batch: dict[str, torch.Tensor], dead: dict[str, torch.Tensor], variance: dict[str, torch.Tensor],
+                t: TrainConfig, world: int):
+        total = None
+        outs = {}
+        for v in self.variants:
+            sae = self.saes[v.key]
+            out = sae(batch[v.hookpoint], dead_mask=dead[v.key] if t.auxk_alpha > 0 else None, k_aux=t.k_aux,
+                      total_variance=variance[v.hookpoint])
+            loss, losses, metrics = sae.training_step_losses(out, auxk_alpha=t.auxk_alpha)
+            outs[v.key] = (out, losses, metrics)
+            # DeepSpeed averages gradients over ranks; each rank holds a slice of the global sums
+            total = loss * world if total is None else total + loss * world
+        return total, outs
+
+
+# ---------------------------------------------------------------------------------------------------
+# the trainer
+
+
+class Trainer:
+    def __init__(self, t: TrainConfig, rank: int, world: int, local_rank: int, tr):
+        self.t, self.rank, self.world, self.tr = t, rank, world, tr
+        self.device = _device(t, local_rank)
+        try:
+            self.shards = A.ActivationShards(t.shards)
+        except (FileNotFoundError, storage.ManifestError) as e:
+            raise TrainError(f"no activation shards at {t.shards}: {e}") from e
+        hps = t.hookpoints or self.shards.hookpoints
+        missing = [h for h in hps if h not in self.shards.hookpoints]
+        if missing:
+            raise TrainError(f"hook points {missing} are not in {t.shards}; it holds {self.shards.hookpoints}")
+        if not self.shards.shards(hps[0]):
+            raise TrainError(f"{t.shards} holds no shards")
+        self.hookpoints = hps
+        self.d = self.shards.d
+        self.variants = self._variants()
+        self.autocast = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
+
+    def _variants(self) -> list[Variant]:
+        t = self.t
+        base_m = t.num_latents or t.expansion_factor * self.d
+        specs = t.sweep or [None]
+        out = []
+        for spec in specs:
+            m = (spec.num_latents if spec and spec.num_latents else base_m)
+            k = (spec.k if spec and spec.k else t.k)
+            if k > m:
+                raise TrainError(f"k = {k} exceeds the number of latents {m}")
+            name = "" if spec is None else (spec.name or f"k{k}-m{m}")
+            for h in self.hookpoints:
+                out.append(Variant(name, h, m, k, t.lr or default_lr(m)))
+        return out
+
+    # -- engine -----------------------------------------------------------------------------------------
+
+    def _bundle(self) -> SaeBundle:
+        torch.manual_seed(self.t.seed)
+        return SaeBundle(self.variants, self.d, self.t).to(self.device)
+
+    def _engine(self, bundle: SaeBundle, total_steps: int):
+        import deepspeed
+
+        t = self.t
+        groups = [{"params": list(bundle.saes[v.key].parameters()), "lr": v.lr} for v in self.variants]
+        # torch's fused Adam (CPU and CUDA): no DeepSpeed op to compile, and the fastest update measured here
+        optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_multiplier(s, total_steps, t.lr_warmup_steps, t.lr_decay, t.lr_final_fraction))
+        ds_config = {
+            "train_batch_size": t.batch_size,
+            "train_micro_batch_size_per_gpu": t.batch_size // self.world,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": t.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "gradient_clipping": t.grad_clip,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        engine, _, _, _ = deepspeed.initialize(model=bundle, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
+        return engine
+
+    # -- state ------------------------------------------------------------------------------------------
+
+    def _state_dir(self) -> Path:
+        if storage.is_s3(self.t.out):
+            from mmsae.models.loading import cache_dir_for
+
+            return cache_dir_for(self.t.out) / "train-state"
+        return Path(self.t.out) / STATE_DIR
+
+    def _sync_state_down(self, local: Path) -> None:
+        if storage.is_s3(self.t.out) and not (local / "latest").exists():
+            remote = storage.join(self.t.out, STATE_DIR)
+            if storage.exists(storage.join(remote, "latest")):
+                storage.download_dir(remote, local)
+
+    def _sync_state_up(self, local: Path, tag: str) -> None:
+        if storage.is_s3(self.t.out) and self.rank == 0:
+            remote = storage.join(self.t.out, STATE_DIR)
+            storage.upload_dir(local / tag, storage.join(remote, tag))
+            storage.write_text(storage.join(remote, "latest"), tag)
+
+    # -- loop -------------------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        t = self.t
+        try:
+            sealed = storage.read_manifest(t.out, kind=KIND)
+        except (FileNotFoundError, storage.ManifestError):
+            sealed = None
+        if sealed is not None and sealed.config == {"train": t.model_dump(mode="json")}:
+            log.info("SAEs already trained at %s", t.out)
+            return dict(sealed.extra["figures"])
+
+        stream = A.BatchStream(
+            self.shards, self.hookpoints, t.batch_size, epochs=t.epochs, seed=t.seed,
+            window_shards=t.window_shards, rank=self.rank, world=self.world, tokens=t.tokens,
+            heldout_fraction=t.heldout_fraction,
+        )
+        total_steps = min(t.max_steps or 10**18, stream.estimated_steps())
+        state_dir = self._state_dir()
+        self._sync_state_down(state_dir)
+        bundle = self._bundle()
+        resuming = (state_dir / "latest").exists()
+        if not resuming:
+            # b_dec from the first global batch, before the optimizer copies the weights
+            _, first = next(stream.iterate(), (None, None))
+            if first is None:
+                raise TrainError(f"{t.shards} holds fewer training tokens than one batch of {t.batch_size}")
+            self._init_b_dec(bundle, {h: x.to(self.device) for h, x in first.items()})
+        engine = self._engine(bundle, total_steps)
+        step, tokens_seen = 0, 0
+        stream_state = A.StreamState()
+        dead = {v.key: torch.zeros(v.num_latents, dtype=torch.int64, device=self.device) for v in self.variants}
+        if resuming:
+            _, client = engine.load_checkpoint(str(state_dir))
+            step, tokens_seen = client["step"], client["tokens_seen"]
+            stream_state = A.StreamState(**client["stream"])
+            dead = {k: v.to(self.device) for k, v in client["tokens_since_fired"].items()}
+            log.info("resumed at step %d (%s)", step, stream_state)
+
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=self.rank != 0)
+        t0, tokens0 = time.perf_counter(), tokens_seen
+        for position, batch in stream.iterate(stream_state):
+            if step >= total_steps:
+                break
+            stream_state = position
+            batch = {h: x.to(self.device, non_blocking=True) for h, x in batch.items()}
+            variance = {h: self._global_variance(x) for h, x in batch.items()}
+            dead_mask = {k: c > t.dead_tokens for k, c in dead.items()}
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss, outs = engine(batch, dead_mask, variance, t, self.world)
+            engine.backward(loss)
+            engine.step()
+            self._update_dead(bundle, outs, dead)
+            step += 1
+            tokens_seen += t.batch_size
+            bar.update(1)
+            if step % t.log_every == 0 or step == total_steps:
+                self._log(step, outs, dead, engine, tokens_seen - tokens0, time.perf_counter() - t0)
+            if step % t.checkpoint_every == 0:
+                self._checkpoint(engine, state_dir, step, tokens_seen, stream_state, dead)
+        bar.close()
+        self._checkpoint(engine, state_dir, step, tokens_seen, stream_state, dead)
+        figures = self._finish(bundle, step, tokens_seen, dead)
+        return figures
+
+    @torch.no_grad()
+    def _init_b_dec(self, bundle: SaeBundle, batch: dict[str, torch.Tensor]) -> None:
+        """b_dec from the first global batch (gathered over ranks, so every rank gets the same)."""
+        for v in self.variants:
+            x = batch[v.hookpoint].float()
+            if self.world > 1:
+                parts = [torch.empty_like(x) for _ in range(self.world)]
+                torch.distributed.all_gather(parts, x)
+                x = torch.cat(parts)
+            bundle.saes[v.key].init_b_dec(x, method=self.t.b_dec_init)
+
+    @torch.no_grad()
+    def _global_variance(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ‖x − mean‖² over the global batch (every rank holds a slice)."""
+        x = x.float()
+        stats = torch.cat([x.sum(0), x.pow(2).sum(0), torch.tensor([x.shape[0]], dtype=torch.float32, device=x.device)])
+        if self.world > 1:
+            torch.distributed.all_reduce(stats)
+        d = x.shape[1]
+        s, s2, n = stats[:d], stats[d : 2 * d], stats[-1]
+        return (s2 - s * s / n).sum()
+
+    @torch.no_grad()
+    def _update_dead(self, bundle: SaeBundle, outs, dead: dict[str, torch.Tensor]) -> None:
+        for v in self.variants:
+            fired = bundle.saes[v.key].fired_latents(outs[v.key][0])
+            if self.world > 1:
+                f = fired.to(torch.uint8)
+                torch.distributed.all_reduce(f, op=torch.distributed.ReduceOp.MAX)
+                fired = f.bool()
+            dead[v.key] += self.t.batch_size
+            dead[v.key][fired] = 0
+
+    def _log(self, step, outs, dead, engine, tokens, seconds) -> None:
+        metrics: dict[str, float] = {"tokens_per_s": tokens / max(seconds, 1e-9)}
+        lrs = engine.get_lr()
+        for i, v in enumerate(self.variants):
+            _, losses, m = outs[v.key]
+            p = f"{v.path}/"
+            metrics[p + "fvu"] = float(losses["fvu"].detach())
+            metrics[p + "auxk"] = float(losses["auxk"].detach())
+            metrics[p + "l0"] = float(m["l0"])
+            metrics[p + "dead_pct"] = 100.0 * float((dead[v.key] > self.t.dead_tokens).float().mean())
+            metrics[p + "lr"] = float(lrs[i])
+        if self.rank == 0:
+            self.tr.log_metrics(metrics, step=step)
+            log.info("step %d: %s", step, {k: round(val, 4) for k, val in metrics.items()})
+
+    def _checkpoint(self, engine, state_dir: Path, step, tokens_seen, stream_state, dead) -> None:
+        tag = f"step{step:08d}"
+        client = {"step": step, "tokens_seen": tokens_seen, "stream": stream_state.as_dict(),
+                  "tokens_since_fired": {k: v.cpu() for k, v in dead.items()}}
+        engine.save_checkpoint(str(state_dir), tag=tag, client_state=client)
+        self._sync_state_up(state_dir, tag)
+
+    @torch.no_grad()
+    def _finish(self, bundle: SaeBundle, step: int, tokens_seen: int, dead) -> dict[str, Any]:
+        from mmsae.sae.checkpoint import save_sae
+
+        t = self.t
+        evals = self._evaluate(bundle)
+        figures: dict[str, Any] = {"steps": step, "tokens": tokens_seen}
+        for v in self.variants:
+            prefix = "" if len(self.variants) == 1 else f"{v.path}/"
+            figures[prefix + "dead_pct"] = 100.0 * float((dead[v.key] > t.dead_tokens).float().mean())
+            figures.update({prefix + k: val for k, val in evals[v.key].items()})
+        if self.rank == 0:
+            names = []
+            for v in self.variants:
+                sae = bundle.saes[v.key]
+                sae.set_decoder_norm_to_unit_norm()  # what the forward used, now stored
+                sae.normalize_in_forward = False
+                save_sae(sae, storage.join(t.out, v.path))
+                names += [f"{v.path}/{n}" for n in storage.list_files(storage.join(t.out, v.path))]
+            storage.write_json(storage.join(t.out, "metrics.json"), figures)
+            names.append("metrics.json")
+            storage.write_manifest(
+                t.out, KIND, files=names, config={"train": t.model_dump(mode="json")},
+                inputs={"shards": t.shards},
+                extra={"figures": figures, "d": self.d, "variants": [v.__dict__ for v in self.variants],
+                       "hookpoints": self.hookpoints},
+            )
+            self.tr.log_metrics({k: float(val) for k, val in figures.items()})
+        return figures
+
+    @torch.no_grad()
+    def _evaluate(self, bundle: SaeBundle) -> dict[str, dict[str, float]]:
+        """Held-out FVU for image and text tokens separately (sums over the held-out rows of every shard)."""
+        t = self.t
+        err: dict[tuple[str, str], float] = {}
+        sums: dict[tuple[str, str], list[Any]] = {}
+        refs = {h: self.shards.shards(h) for h in self.hookpoints}
+        my_shards = range(self.rank, len(refs[self.hookpoints[0]]), self.world)
+        for s in my_shards:
+            for h in self.hookpoints:
+                cols = self.shards.read(refs[h][s])
+                held = A.heldout_images(cols["image_idx"], t.heldout_fraction, t.seed)
+                for kind, km in (("image", A.token_mask(cols, "image")), ("text", A.token_mask(cols, "text"))):
+                    x = cols["acts"][held & km].float().to(self.device)
+                    if x.shape[0] == 0:
+                        continue
+                    key = (h, kind)
+                    st = sums.setdefault(key, [torch.zeros(x.shape[1], dtype=torch.float64, device=self.device),
+                                               torch.zeros((), dtype=torch.float64, device=self.device), 0])
+                    st[0] += x.double().sum(0)
+                    st[1] += x.double().pow(2).sum()
+                    st[2] += x.shape[0]
+                    for v in self.variants:
+                        if v.hookpoint != h:
+                            continue
+                        sae = bundle.saes[v.key]
+                        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                            acts, idx = sae.encode(x)
+                            recon = sae.decode(acts, idx).float()
+                        err[(v.key, kind)] = err.get((v.key, kind), 0.0) + float((recon - x).pow(2).sum())
+        out: dict[str, dict[str, float]] = {}
+        for v in self.variants:
+            res = {}
+            for kind in ("image", "text"):
+                st = sums.get((v.hookpoint, kind))
+                e = torch.tensor([err.get((v.key, kind), 0.0)], dtype=torch.float64, device=self.device)
+                if st is None:
+                    st = [torch.zeros(self.d, dtype=torch.float64, device=self.device),
+                          torch.zeros((), dtype=torch.float64, device=self.device), 0]
+                packed = torch.cat([e, st[0], st[1].reshape(1),
+                                    torch.tensor([float(st[2])], dtype=torch.float64, device=self.device)])
+                if self.world > 1:
+                    torch.distributed.all_reduce(packed)
+                err_sum, s, s2, n = packed[0], packed[1 : 1 + self.d], packed[1 + self.d], packed[-1]
+                if n < 2:
+                    continue
+                variance = s2 - (s * s).sum() / n
+                res[f"heldout_fvu_{kind}"] = float(err_sum / variance)
+                res[f"heldout_tokens_{kind}"] = int(n)
+            out[v.key] = res
+        return out

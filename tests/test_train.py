@@ -1,0 +1,218 @@
+"""The train stage: DeepSpeed on the CPU, one rank vs two, resume after kill -9, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmsae import activations as A
+from mmsae import storage
+from mmsae.config import RunConfig, TrainConfig
+from mmsae.stages import train
+
+D, ATOMS, SPARSITY = 32, 48, 3
+
+
+def planted(n: int, seed: int) -> torch.Tensor:
+    """Tokens made of SPARSITY of ATOMS fixed unit directions with positive weights, plus an offset."""
+    g = torch.Generator().manual_seed(1234)
+    atoms = torch.nn.functional.normalize(torch.randn(ATOMS, D, generator=g), dim=1)
+    offset = torch.randn(D, generator=g) * 2
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(ATOMS, generator=g)[:SPARSITY] for _ in range(n)])
+    w = torch.rand(n, SPARSITY, generator=g) * 2 + 0.5
+    return (w[:, :, None] * atoms[idx]).sum(1) + offset + 0.01 * torch.randn(n, D, generator=g)
+
+
+def make_shards(uri: str, n_shards: int = 6, rows_per_image: int = 20, images_per_shard: int = 30,
+                hookpoints=("layers.1",), poison: int | None = None) -> str:
+    files, shards = {}, {h: [] for h in hookpoints}
+    img = 0
+    for s in range(n_shards):
+        n = rows_per_image * images_per_shard
+        image_idx = torch.arange(img, img + images_per_shard).repeat_interleave(rows_per_image)
+        token_pos = torch.arange(rows_per_image).repeat(images_per_shard)
+        view = torch.where(token_pos < rows_per_image - 4, 0, -1).to(torch.int16)  # last 4 tokens are text
+        for hi, h in enumerate(hookpoints):
+            acts = planted(n, seed=1000 * s + hi)
+            if poison is not None and s == poison:
+                acts[5, 3] = float("nan")
+            cols = {"acts": acts, "image_idx": image_idx, "token_pos": token_pos, "view": view,
+                    "row": torch.zeros(n, dtype=torch.int16), "col": torch.zeros(n, dtype=torch.int16)}
+            name = f"{h}/{A.shard_name(0, s)}"
+            data = A.encode_shard(cols, {"hookpoint": h})
+            storage.write_bytes(storage.join(uri, name), data)
+            files[name] = storage.sha256_file(storage.join(uri, name)) if not storage.is_s3(uri) else None
+            shards[h].append({"name": name, "rows": n, "first_image": img, "end_image": img + images_per_shard})
+        img += images_per_shard
+    storage.write_manifest(uri, A.KIND, files=list(files), extra={
+        "hookpoints": list(hookpoints), "d": D, "dtype": "float32", "shards": shards})
+    return uri
+
+
+def cfg_for(shards: str, out: Path, **train_kw) -> RunConfig:
+    cfg = RunConfig()
+    cfg.tracking.enabled = False
+    cfg.run.workdir = str(out.parent / "work")
+    cfg.train = TrainConfig.model_validate({
+        **cfg.train.model_dump(), "shards": shards, "out": str(out), "num_latents": 64, "k": 4, "batch_size": 64, "lr": 1e-2,
+        "lr_warmup_steps": 5, "log_every": 10, "checkpoint_every": 1000, "dead_tokens": 2000,
+        "heldout_fraction": 0.1, "window_shards": 2, **train_kw})
+    return cfg
+
+
+def test_lr_scaling_and_schedule():
+    assert train.default_lr(2**14) == pytest.approx(2e-4)
+    assert train.default_lr(2**17) == pytest.approx(2e-4 / 8**0.5)
+    m = [train.lr_multiplier(s, 100, 10, "cosine", 0.1) for s in range(100)]
+    assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(m[10:], m[11:], strict=False))
+    assert m[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_stream_batches_do_not_depend_on_world_size(tmp_path):
+    uri = make_shards(str(tmp_path / "acts"))
+    shards = A.ActivationShards(uri)
+    one = [b["layers.1"] for _, b in A.BatchStream(shards, ["layers.1"], 64, epochs=2, seed=3).iterate()]
+    halves = [
+        [b["layers.1"] for _, b in A.BatchStream(shards, ["layers.1"], 64, epochs=2, seed=3, rank=r, world=2).iterate()]
+        for r in range(2)
+    ]
+    assert len(one) == len(halves[0]) == len(halves[1]) > 10
+    for g, a, b in zip(one, *halves, strict=True):
+        assert torch.equal(g, torch.cat([a, b]))
+    # every training row at most once per epoch; the two epochs differ in order
+    per_epoch = len(one) // 2
+    assert not torch.equal(one[0], one[per_epoch])
+
+
+def test_stream_resumes_mid_window(tmp_path):
+    uri = make_shards(str(tmp_path / "acts"))
+    shards = A.ActivationShards(uri)
+    stream = A.BatchStream(shards, ["layers.1"], 64, epochs=2, seed=1)
+    full = list(stream.iterate())
+    state, _ = full[6]
+    rest = list(stream.iterate(state))
+    assert len(rest) == len(full) - 7
+    for (sa, a), (sb, b) in zip(rest, full[7:], strict=True):
+        assert sa == sb and torch.equal(a["layers.1"], b["layers.1"])
+
+
+def test_training_learns_planted_features_and_writes_sparsify_layout(tmp_path):
+    shards = make_shards(str(tmp_path / "acts"))
+    out = tmp_path / "sae"
+    result = train.run(cfg_for(shards, out, epochs=4))
+    f = result.figures
+    assert f["heldout_fvu_image"] < 0.25, f
+    assert f["heldout_fvu_text"] < 0.25, f
+    assert 0 <= f["dead_pct"] <= 100
+    cfg = json.loads((out / "layers.1" / "cfg.json").read_text())
+    assert cfg["d_in"] == D and cfg["num_latents"] == 64 and cfg["k"] == 4
+    tensors = load_file(out / "layers.1" / "sae.safetensors")
+    assert set(tensors) == {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
+    norms = tensors["W_dec"].norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-4, rtol=0)
+    storage.verify_artifact(str(out), kind=train.KIND)
+
+
+def test_sweep_trains_several_saes_from_one_pass(tmp_path):
+    shards = make_shards(str(tmp_path / "acts"), hookpoints=("layers.1", "layers.2"))
+    out = tmp_path / "sae"
+    result = train.run(cfg_for(shards, out, sweep=[{"k": 2}, {"k": 8, "num_latents": 96}], max_steps=20))
+    for v in ("k2-m64", "k8-m96"):
+        for h in ("layers.1", "layers.2"):
+            assert (out / v / h / "sae.safetensors").exists()
+    assert result.figures["k8-m96/layers.2/heldout_fvu_image"] < result.figures["k2-m64/layers.2/heldout_fvu_image"]
+
+
+def test_nan_in_a_shard_is_an_error_naming_it(tmp_path):
+    shards = make_shards(str(tmp_path / "acts"), poison=1)
+    with pytest.raises(A.ShardFormatError, match=r"NaN or inf.*shard-000-00001"):
+        train.run(cfg_for(shards, tmp_path / "sae"))
+
+
+def test_missing_shards_and_unknown_hookpoint_are_clear_errors(tmp_path):
+    with pytest.raises(train.TrainError, match="no activation shards"):
+        train.run(cfg_for(str(tmp_path / "nothing"), tmp_path / "sae"))
+    shards = make_shards(str(tmp_path / "acts"))
+    with pytest.raises(train.TrainError, match=r"layers\.9"):
+        train.run(cfg_for(shards, tmp_path / "sae", hookpoints=["layers.9"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# processes
+
+
+def _cli(out: Path, shards: str, **kw) -> list[str]:
+    sets = {"train.shards": shards, "train.out": str(out), "train.num_latents": 64, "train.k": 4,
+            "train.batch_size": 64, "train.lr": 1e-2, "train.lr_warmup_steps": 5, "train.epochs": 3,
+            "train.dead_tokens": 2000, "train.window_shards": 2, "tracking.enabled": "false",
+            "run.workdir": str(out.parent / "work"), **kw}
+    args = ["train"]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    return args
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "torch-extensions")
+    return env
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "layers.1" / "sae.safetensors")
+
+
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
+    shards = make_shards(str(tmp_path / "acts"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "mmsae.cli", *_cli(one, shards)], check=True, env=_env(tmp_path),
+                   capture_output=True)
+    port = 29500 + os.getpid() % 500
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         "-m", "mmsae.cli", *_cli(two, shards)], env=_env(tmp_path), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    a, b = _weights(one), _weights(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+    # no DeepSpeed C++ op was compiled (no JIT build anywhere)
+    ext = tmp_path / "torch-extensions"
+    assert not ext.exists() or not any(ext.rglob("*.so"))
+
+
+def test_resume_after_kill_continues_identically(tmp_path):
+    shards = make_shards(str(tmp_path / "acts"))
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    kw = {"train.checkpoint_every": 5}
+    subprocess.run([sys.executable, "-m", "mmsae.cli", *_cli(ref, shards, **kw)], check=True,
+                   env=_env(tmp_path), capture_output=True)
+    proc = subprocess.Popen([sys.executable, "-m", "mmsae.cli", *_cli(out, shards, **kw)], env=_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        latest = out / train.STATE_DIR / "latest"
+        if latest.exists() and latest.read_text().strip() >= "step00000010":
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    subprocess.run([sys.executable, "-m", "mmsae.cli", *_cli(out, shards, **kw)], check=True,
+                   env=_env(tmp_path), capture_output=True)
+    a, b = _weights(ref), _weights(out)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((ref / "metrics.json").read_text())
