@@ -216,3 +216,61 @@ def test_resume_after_kill_continues_identically(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert json.loads((out / "metrics.json").read_text()) == json.loads((ref / "metrics.json").read_text())
+
+
+def test_continue_from_a_saved_sae_and_refuse_a_width_mismatch(tmp_path):
+    shards = make_shards(str(tmp_path / "acts"))
+    first = tmp_path / "first"
+    a = train.run(cfg_for(shards, first, epochs=2))
+    again = train.run(cfg_for(shards, tmp_path / "again", init_from=str(first), num_latents=999, k=1, max_steps=5,
+                              lr=1e-4))
+    assert again.figures["heldout_fvu_image"] < a.figures["heldout_fvu_image"] + 0.05  # starts where it ended
+    assert json.loads((tmp_path / "again" / "layers.1" / "cfg.json").read_text())["num_latents"] == 64
+
+    from mmsae.sae.checkpoint import save_sae
+    from mmsae.sae.model import SaeConfig, TopKSAE
+
+    wide = tmp_path / "wide"
+    save_sae(TopKSAE(SaeConfig(d_in=D + 1, num_latents=16, k=2)), str(wide / "layers.1"))
+    with pytest.raises(train.TrainError, match=rf"width {D + 1}.*width {D}"):
+        train.run(cfg_for(shards, tmp_path / "bad", init_from=str(wide)))
+
+
+def test_lm_loss_with_sae_spliced_in_on_captioned_images(tmp_path):
+    """Cache a tiny LLaVA-NeXT on captioned images, train, and measure the LM loss with the SAE spliced in."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from mmsae.models import load_lmm, save_tiny
+    from mmsae.stages import cache
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(40)]
+    captions = ["a red square" if i % 2 else "a blue square" for i in range(40)]
+    datasets.Dataset.from_dict({"image": images, "caption": captions}).save_to_disk(str(tmp_path / "imgs"))
+    model = str(save_tiny("llava_next", tmp_path / "lmm", text_layers=2))
+    cfg = RunConfig()
+    cfg.tracking.enabled = False
+    cfg.run.workdir = str(tmp_path / "work")
+    cfg.cache = cfg.cache.model_copy(update={"image_set": str(tmp_path / "imgs"), "model": model,
+                                             "out": str(tmp_path / "acts"), "layers": [0], "num_workers": 0})
+    cache.run(cfg)
+    cfg.train = TrainConfig.model_validate({
+        **cfg.train.model_dump(), "shards": str(tmp_path / "acts"), "out": str(tmp_path / "sae"),
+        "num_latents": 128, "k": 8, "batch_size": 64, "max_steps": 30, "lr_warmup_steps": 2,
+        "tokens": "image", "heldout_fraction": 0.2, "eval_lm_images": 4})
+    f = train.run(cfg).figures
+    assert f["lm_eval_images"] == 4
+    for key in ("lm_loss_clean", "lm_loss_sae", "lm_loss_zero", "loss_recovered"):
+        assert np.isfinite(f[key]), (key, f)
+    assert f["lm_loss_zero"] != f["lm_loss_clean"]
+
+    # the splice itself: identity leaves the loss unchanged, zeros change it
+    lmm = load_lmm(model)
+    enc = lmm.processor(images=[images[0]], text=["<image> a red square"], return_tensors="pt")
+    labels = enc["input_ids"].clone()
+    where = torch.ones_like(labels, dtype=torch.bool)
+    clean = train._spliced_loss(lmm, enc, labels)
+    assert train._spliced_loss(lmm, enc, labels, "layers.0", where, lambda x: x) == pytest.approx(clean, rel=1e-5)
+    assert train._spliced_loss(lmm, enc, labels, "layers.0", where, torch.zeros_like) != pytest.approx(clean, rel=1e-3)

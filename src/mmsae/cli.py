@@ -20,6 +20,8 @@ app = typer.Typer(help="Find and explain the SAE features of large multimodal mo
 toyworld_app = typer.Typer(help="The built-in toy world: generated scenes and a tiny captioning LLaVA-NeXT.")
 pipeline_app = typer.Typer(help="The Kubeflow pipeline: compile it for a cluster.")
 config_app = typer.Typer(help="Inspect and validate run configs.")
+sae_app = typer.Typer(help="SAE checkpoints: convert between layouts.")
+app.add_typer(sae_app, name="sae")
 app.add_typer(toyworld_app, name="toyworld")
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(config_app, name="config")
@@ -126,6 +128,25 @@ def train(
         typer.echo(json.dumps({"sae": result.uri, **result.figures}, indent=2))
 
 
+@sae_app.command("export-saelens")
+def sae_export_saelens(
+    sae: Annotated[str, typer.Argument(help="A trained SAE in sparsify's layout: the folder with cfg.json.")],
+    out: Annotated[str, typer.Argument(help="Output folder (local or s3://) for SAELens' layout.")],
+    hook_name: Annotated[str | None, typer.Option(help="SAELens hook name; default the folder's name.")] = None,
+    model_name: Annotated[str | None, typer.Option(help="Model name recorded in the SAELens metadata.")] = None,
+) -> None:
+    """Write an SAE in SAELens' layout (cfg.json + sae_weights.safetensors).
+
+    Reads SAE/cfg.json and SAE/sae.safetensors (sparsify's layout, as `mmsae train` writes). Writes
+    OUT/cfg.json and OUT/sae_weights.safetensors.
+    """
+    from mmsae.sae.checkpoint import export_saelens, load_sae
+
+    model = load_sae(sae)
+    export_saelens(model, out, hook_name=hook_name or sae.rstrip("/").rsplit("/", 1)[-1], model_name=model_name)
+    typer.echo(out)
+
+
 @app.command()
 def demo(
     config: ConfigOpt = None,
@@ -134,7 +155,7 @@ def demo(
 ) -> None:
     """Run the whole pipeline on this machine (kfp.local) on the toy world.
 
-    Writes OUT/work (artifacts), OUT/mlflow.db (tracking), OUT/summary.json (each step's figures).
+    Reads the run config (defaults: the built-in toy world and toy LMM). Writes OUT/work (artifacts), OUT/mlflow.db (tracking), OUT/summary.json (each step's figures).
     """
     from mmsae.demo import run_demo
 
@@ -148,7 +169,10 @@ def demo(
 def pipeline_compile(
     out: Annotated[Path, typer.Option(help="Folder for the compiled pipeline IR YAML files.")] = Path("pipelines/compiled"),
 ) -> None:
-    """Compile the pipelines to KFP IR YAML (upload them in the KFP UI or with `kfp pipeline create`)."""
+    """Compile the pipelines to KFP IR YAML (upload them in the KFP UI or with `kfp pipeline create`).
+
+    Reads the pipeline definitions (pipelines/). Writes OUT/sae_interp.yaml.
+    """
     from kfp import compiler
 
     from mmsae.pipelines.sae_interp import sae_interp

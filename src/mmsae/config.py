@@ -151,6 +151,9 @@ class TrainConfig(Section):
     """Width as a multiple of the activation width, when num_latents is not given."""
     k: int = Field(64, ge=1)
     """Active latents per token (TopK)."""
+    init_from: str = ""
+    """Continue from SAEs in sparsify's layout at this URI (`<hookpoint>/cfg.json + sae.safetensors`, per
+    variant folder for a sweep), e.g. a released SAE; their width and k replace num_latents and k."""
     sweep: list[SaeVariant] = []
     """Several SAEs trained at once from one pass over the data (each a width and k); empty: one SAE."""
     tokens: Literal["image", "text", "all"] = "all"
@@ -191,6 +194,9 @@ class TrainConfig(Section):
     """`auto` (cuda:LOCAL_RANK when present), `cpu` or `cuda:N`."""
     heldout_fraction: float = Field(0.05, ge=0, lt=1)
     """Share of images held out of training, for the final FVU figures."""
+    eval_lm_images: int = Field(64, ge=0)
+    """Held-out captioned images on which to measure the LM loss with the SAE spliced in (0: off; needs an
+    image set with a `caption` column)."""
     checkpoint_every: int = Field(1000, ge=1)
     """Save the full training state every this many steps (and at the end)."""
     log_every: int = Field(50, ge=1)

@@ -41,3 +41,11 @@ def read_summaries(workdir: str) -> dict[str, dict[str, Any]]:
         if name.endswith(".json"):
             out[name[: -len(".json")]] = storage.read_json(storage.join(base, name))
     return out
+
+
+def model_prompt(model_uri: str) -> str:
+    """The prompt an LMM artifact recommends in its manifest (the toy LMM records its own), else ``<image>``."""
+    try:
+        return str(storage.read_manifest(model_uri).extra.get("prompt", "<image>"))
+    except (FileNotFoundError, storage.ManifestError):
+        return "<image>"

@@ -207,6 +207,8 @@ class Trainer:
         for spec in specs:
             m = (spec.num_latents if spec and spec.num_latents else base_m)
             k = (spec.k if spec and spec.k else t.k)
+            if t.init_from:
+                m, k = self._init_shape(spec, m, k)
             if k > m:
                 raise TrainError(f"k = {k} exceeds the number of latents {m}")
             name = "" if spec is None else (spec.name or f"k{k}-m{m}")
@@ -214,11 +216,40 @@ class Trainer:
                 out.append(Variant(name, h, m, k, t.lr or default_lr(m)))
         return out
 
+    def _init_path(self, variant_name: str, hookpoint: str) -> str:
+        return storage.join(self.t.init_from, *( [variant_name] if variant_name else []), hookpoint)
+
+    def _init_shape(self, spec, m: int, k: int) -> tuple[int, int]:
+        """Width and k of the SAE to continue from; its input width must be the activations'."""
+        from mmsae.sae.checkpoint import read_config
+
+        name = "" if spec is None else (spec.name or f"k{k}-m{m}")
+        path = self._init_path(name, self.hookpoints[0])
+        try:
+            sae_cfg = read_config(path)
+        except FileNotFoundError as e:
+            raise TrainError(f"train.init_from: no SAE at {path}: {e}") from e
+        if sae_cfg.d_in != self.d:
+            raise TrainError(
+                f"the SAE at {path} takes inputs of width {sae_cfg.d_in}, but the activations at "
+                f"{self.t.shards} have width {self.d}"
+            )
+        return sae_cfg.effective_num_latents, sae_cfg.k
+
     # -- engine -----------------------------------------------------------------------------------------
 
     def _bundle(self) -> SaeBundle:
         torch.manual_seed(self.t.seed)
-        return SaeBundle(self.variants, self.d, self.t).to(self.device)
+        bundle = SaeBundle(self.variants, self.d, self.t).to(self.device)
+        if self.t.init_from:
+            from mmsae.sae.checkpoint import load_sae
+
+            for v in self.variants:
+                src = load_sae(self._init_path(v.name, v.hookpoint), device=self.device, dtype=torch.float32)
+                with torch.no_grad():
+                    for name, p in bundle.saes[v.key].named_parameters():
+                        p.copy_(dict(src.named_parameters())[name])
+        return bundle
 
     def _engine(self, bundle: SaeBundle, total_steps: int):
         import deepspeed
@@ -286,7 +317,7 @@ class Trainer:
         self._sync_state_down(state_dir)
         bundle = self._bundle()
         resuming = (state_dir / "latest").exists()
-        if not resuming:
+        if not resuming and not t.init_from:
             # b_dec from the first global batch, before the optimizer copies the weights
             _, first = next(stream.iterate(), (None, None))
             if first is None:
@@ -390,6 +421,9 @@ class Trainer:
 
         t = self.t
         evals = self._evaluate(bundle)
+        if self.rank == 0 and t.eval_lm_images > 0:
+            for key, lm in self._lm_loss(bundle).items():
+                evals[key].update(lm)
         figures: dict[str, Any] = {"steps": step, "tokens": tokens_seen}
         for v in self.variants:
             prefix = "" if len(self.variants) == 1 else f"{v.path}/"
@@ -465,3 +499,84 @@ class Trainer:
                 res[f"heldout_tokens_{kind}"] = int(n)
             out[v.key] = res
         return out
+
+    @torch.no_grad()
+    def _lm_loss(self, bundle: SaeBundle) -> dict[str, dict[str, float]]:
+        """The LM's caption loss on held-out images: clean, with each SAE spliced in, and with the layer zeroed.
+
+        Splices at the positions of the kind of tokens the SAE was trained on. ``loss_recovered`` is
+        (zero - sae) / (zero - clean). Empty when the shards' inputs have no LMM or no captions.
+        """
+        from mmsae.data.images import load_image_set
+        from mmsae.models import load_lmm, token_geometry
+        from mmsae.stages.common import model_prompt
+
+        inputs = self.shards.manifest.inputs
+        cache_cfg = (self.shards.manifest.config or {}).get("cache", {})
+        if not inputs.get("model") or not inputs.get("image_set"):
+            return {}
+        ds = load_image_set(inputs["image_set"], cache_cfg.get("split"))
+        if "caption" not in ds.column_names:
+            log.info("no captions in %s: LM loss with the SAE spliced in not measured", inputs["image_set"])
+            return {}
+        lmm = load_lmm(inputs["model"], device=self.device)
+        prompt = cache_cfg.get("prompt") or model_prompt(inputs["model"])
+        idx = torch.arange(len(ds))
+        held = idx[A.heldout_images(idx, self.t.heldout_fraction, self.t.seed)][: self.t.eval_lm_images].tolist()
+        if not held:
+            return {}
+        totals: dict[str, list[float]] = {}
+        for i in held:
+            row = ds[i]
+            image = row["image"].convert("RGB")
+            enc_prompt = lmm.processor(images=[image], text=[prompt], return_tensors="pt")
+            enc = lmm.processor(images=[image], text=[f"{prompt} {row['caption']}"], return_tensors="pt")
+            enc = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in enc.items()}
+            labels = enc["input_ids"].clone()
+            labels[:, : enc_prompt["input_ids"].shape[1]] = -100
+            geo = token_geometry(lmm.family, lmm.config, enc["input_ids"].cpu(), enc.get("image_sizes"), lmm.processor,
+                                 batch_num_images=enc.get("batch_num_images"))
+            view = torch.as_tensor(geo.view).to(self.device)
+            where = {"all": torch.ones_like(view, dtype=torch.bool), "image": view != A.VIEW_TEXT,
+                     "text": view == A.VIEW_TEXT}[self.t.tokens]
+
+            totals.setdefault("clean", []).append(_spliced_loss(lmm, enc, labels))
+            for v in self.variants:
+                sae = bundle.saes[v.key]
+                totals.setdefault(v.key, []).append(
+                    _spliced_loss(lmm, enc, labels, v.hookpoint, where, lambda x, sae=sae: sae(x).sae_out))
+                totals.setdefault("zero:" + v.hookpoint, []).append(
+                    _spliced_loss(lmm, enc, labels, v.hookpoint, where, torch.zeros_like))
+        mean = {k: sum(vals) / len(vals) for k, vals in totals.items()}
+        out = {}
+        for v in self.variants:
+            zero, clean, spliced = mean["zero:" + v.hookpoint], mean["clean"], mean[v.key]
+            out[v.key] = {
+                "lm_loss_clean": clean,
+                "lm_loss_sae": spliced,
+                "lm_loss_zero": zero,
+                "lm_delta_loss": spliced - clean,
+                "loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan"),
+                "lm_eval_images": len(held),
+            }
+        return out
+
+
+def _spliced_loss(lmm, enc, labels, hookpoint=None, where=None, replace=None) -> float:
+    """The LM loss on ``labels`` with the hook point's output replaced by ``replace(x)`` at ``where``."""
+    from mmsae.models import resolve_hookpoint
+
+    handle = None
+    if replace is not None:
+        def hook(_m, _a, out):
+            x = out[0] if isinstance(out, tuple) else out
+            y = x.clone()
+            y[where] = replace(x[where].float()).to(x.dtype)
+            return (y, *out[1:]) if isinstance(out, tuple) else y
+
+        handle = resolve_hookpoint(lmm.model, hookpoint).module.register_forward_hook(hook)
+    try:
+        return float(lmm.model(**enc, labels=labels).loss)
+    finally:
+        if handle is not None:
+            handle.remove()
