@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -155,6 +156,82 @@ def test_cache_to_s3(world, s3_env):
     shards = A.ActivationShards(out)
     assert shards.num_rows() > 0
     assert not [n for n in storage.list_files(out) if n.startswith("progress-")]
+
+
+# ------------------------------------------------------------------------------------------------
+# progress records: small per shard set, and a crash between a set's record and the progress
+
+
+def test_progress_writes_stay_small_as_the_run_grows(tmp_path, world, monkeypatch):
+    """Each shard set records only its own images; the progress file stays a few numbers all run long."""
+    images = make_image_set(tmp_path / "imgs", sizes=[SIZES[i % len(SIZES)] for i in range(24)])
+    written: list[tuple[str, str]] = []
+    real_write_json = storage.write_json
+
+    def spy(uri, obj, **kw):
+        written.append((str(uri), json.dumps(obj)))
+        real_write_json(uri, obj, **kw)
+
+    monkeypatch.setattr(storage, "write_json", spy)
+    out = tmp_path / "acts"
+    cache.run(_cfg(out, images, world["models"]["llava_next"], batch_size=2, shard_rows=60))
+    counters = [len(text) for uri, text in written if uri.endswith("progress-000.json")]
+    records = [json.loads(text) for uri, text in written if "/progress-000/" in uri]
+    assert len(records) >= 10 and len(counters) == len(records) + 1  # progress after each set and when done
+    assert max(counters) - min(counters) < 40
+    seen = []
+    for rec in records:
+        (shard,) = rec["shards"].values()
+        ids = [i for i, _, _ in rec["images"]]
+        assert all(shard["first_image"] <= i < shard["end_image"] for i in ids)
+        seen += ids
+    assert seen == list(range(24))
+    assert not [n for n in storage.list_files(str(out)) if n.startswith("progress-")]
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_crash_between_set_record_and_progress_resumes_byte_identical(tmp_path, world, monkeypatch):
+    """Killed after a set's shards and record are written, before progress counts it: the set is redone."""
+    sizes = [SIZES[i % len(SIZES)] for i in range(12)]
+    images = make_image_set(tmp_path / "imgs", sizes=sizes, corrupt=(3, 10, 11))  # 10, 11: after the last set
+    model = world["models"]["llava_next"]
+    ref = tmp_path / "ref"
+    cache.run(_cfg(ref, images, model, batch_size=2, shard_rows=50))
+
+    out = tmp_path / "crashed"
+    real_save = cache._save_progress
+
+    def save_then_crash(uri, rank, progress):
+        if progress["next_shard"] == 3:
+            raise _Crash
+        real_save(uri, rank, progress)
+
+    monkeypatch.setattr(cache, "_save_progress", save_then_crash)
+    with pytest.raises(_Crash):
+        cache.run(_cfg(out, images, model, batch_size=2, shard_rows=50))
+    assert (out / "progress-000" / "00002.json").exists()  # the set's record was written ...
+    assert storage.read_json(str(out / "progress-000.json"))["next_shard"] == 2  # ... but not counted
+    monkeypatch.setattr(cache, "_save_progress", real_save)
+
+    cache.run(_cfg(out, images, model, batch_size=2, shard_rows=50))
+    got, want = _files(out), _files(ref)
+    assert sorted(got) == sorted(want)
+    assert [n for n in want if n != "manifest.json" and got[n] != want[n]] == []
+    m = storage.read_manifest(str(out), kind=A.KIND)
+    assert m.files == storage.read_manifest(str(ref), kind=A.KIND).files
+    assert [s["image_idx"] for s in m.extra["skipped"]] == [3, 10, 11]
+
+
+def test_progress_of_an_older_format_is_refused(tmp_path, world):
+    out = tmp_path / "acts"
+    cfg = _cfg(out, world["images"], world["models"]["llava"])
+    old = {"config_hash": cache.config_hash(cfg.cache), "next_chunk": 1, "images": [[0, 40, 40]]}
+    storage.write_json(str(out / "progress-000.json"), old)
+    with pytest.raises(cache.CacheError, match="progress format 1"):
+        cache.run(cfg)
 
 
 # ------------------------------------------------------------------------------------------------

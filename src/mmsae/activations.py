@@ -5,6 +5,7 @@ An activation-shard artifact is a directory (local or ``s3://``)::
     manifest.json                                  kind "activation_shards", written last
     <hookpoint>/shard-RRR-NNNNN.safetensors        rank RRR's shard NNNNN of one hook point
     progress-RRR.json                              rank RRR's resume point (removed when the artifact is sealed)
+    progress-RRR/NNNNN.json                        the images of rank RRR's shard set NNNNN (removed likewise)
     images.json                                    per image: dataset row, width, height (and the skipped ones)
 
 A shard holds whole images only, so shard boundaries are the same for every hook point, and holds the

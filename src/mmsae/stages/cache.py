@@ -6,8 +6,10 @@ LLaVA-OneVision). Writes: an activation-shard artifact at ``cache.out`` (format 
 image or AnyRes tile), and patch row/column.
 
 - Memory is bounded whatever the image set's size: a shard is written as soon as it is full.
-- Resumable: each rank records after every shard where it stands (``progress-RRR.json``); a rerun with
-  the same config continues after the last complete shard, and the result is byte-for-byte the same.
+- Resumable: after every shard set a rank records what the set holds (``progress-RRR/NNNNN.json``) and
+  then where it stands (``progress-RRR.json``, a few numbers); a rerun with the same config continues
+  after the last complete set, and the result is byte-for-byte the same. Both are small and written once
+  per set, so bookkeeping costs the same at the millionth image as at the first.
 - Data-parallel: under ``torchrun`` or the ``deepspeed`` launcher (RANK / WORLD_SIZE / LOCAL_RANK) each
   rank takes a contiguous block of images and writes its own shards; rank 0 seals the artifact with one
   manifest once every rank is done.
@@ -16,13 +18,15 @@ image or AnyRes tile), and patch row/column.
 
 from __future__ import annotations
 
-import copy
+import functools
 import hashlib
 import io
 import json
 import logging
 import os
 import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,12 +39,14 @@ from tqdm import tqdm
 from mmsae import activations as A
 from mmsae import storage, tracking
 from mmsae.config import CacheConfig, RunConfig, dump_config
-from mmsae.stages.common import record_summary, stage_uri
+from mmsae.stages.common import model_prompt, record_summary, stage_uri
 
 log = logging.getLogger(__name__)
 
 STEP = "cache"
 PROGRESS = "progress-{rank:03d}.json"
+SET_RECORDS = "progress-{rank:03d}"
+PROGRESS_VERSION = 2
 IMAGES_FILE = "images.json"
 
 
@@ -56,21 +62,33 @@ class CacheOutputs:
 
 @dataclass
 class _Progress:
-    """What one rank has durably written: resume from ``next_chunk``."""
+    """Where one rank stands: shard sets ``0 .. next_shard - 1`` are written; resume from ``next_chunk``."""
 
+    config_hash: str
     next_chunk: int = 0
     next_shard: int = 0
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    shards: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    done: bool = False
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    """Once done: images skipped after the last shard set (the sets' records list the others)."""
+    version: int = PROGRESS_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _SetBuffer:
+    """The shard set being filled: whole batches of rows, and what it will record about its images."""
+
+    first_image: int
+    parts: dict[str, list[dict[str, torch.Tensor]]]
     images: list[list[int]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     rows: int = 0
-    done: bool = False
-    config_hash: str = ""
 
-    def to_json(self) -> dict[str, Any]:
-        """A deep snapshot: the writer thread serialises it while this object goes on changing."""
-        return copy.deepcopy(self.__dict__)
+    @classmethod
+    def empty(cls, first_image: int, hook_names: list[str]) -> _SetBuffer:
+        return cls(first_image, {h: [] for h in hook_names})
 
 
 def run(cfg: RunConfig, image_set: str | None = None, model: str | None = None,
@@ -157,84 +175,82 @@ def _cache(c: CacheConfig, rank: int, world: int, local_rank: int, tr: tracking.
     hook_names = [h.name for h in hooks]
     if len(set(hook_names)) != len(hook_names):
         raise CacheError(f"cache.layers names the same hook point twice: {hook_names}")
-    prompt = c.prompt if c.prompt is not None else _default_prompt(c.model)
+    prompt = c.prompt if c.prompt is not None else model_prompt(c.model)
 
-    for own in (f"progress-{rank:03d}", f"shard-{rank:03d}-"):  # left by a writer killed mid-write
+    # temporary files left by a writer killed mid-write
+    storage.remove_stale_temps(_records_uri(c.out, rank))
+    for own in (f"progress-{rank:03d}", f"shard-{rank:03d}-"):
         storage.remove_stale_temps(c.out, of=own)
     progress = _load_progress(c.out, rank, chash, hook_names)
     t0 = time.perf_counter()
-    images_done = rows_done = bytes_written = 0
-    writer = ThreadPoolExecutor(max_workers=1)  # writes overlap the next forward passes
-    pending: list[Future] = []
-
-    buffers: dict[str, list[dict[str, torch.Tensor]]] = {h: [] for h in hook_names}
-    buffered_rows = 0
-    set_start = chunks[progress.next_chunk][0] if progress.next_chunk < len(chunks) else hi
-    loader = _loader(ds, chunks[progress.next_chunk :], lmm.processor, prompt, c.num_workers)
-    bar = tqdm(total=len(chunks), initial=progress.next_chunk, desc=f"cache rank {rank}", unit="batch",
-               disable=rank != 0)
-    for j, batch in enumerate(loader, start=progress.next_chunk):
-        progress.skipped.extend(batch["skipped"])
-        if batch["ok"]:
-            cols = _forward(lmm, hooks, batch, c, capture)
-            for h in hook_names:
-                buffers[h].append(cols[h])
-            n_rows = int(cols[hook_names[0]]["acts"].shape[0])
-            buffered_rows += n_rows
-            rows_done += n_rows
-            images_done += len(batch["ok"])
-            progress.images.extend([[i, w, hh] for i, (w, hh) in zip(batch["ok"], batch["sizes"], strict=True)])
-        last = j == len(chunks) - 1
-        progress.next_chunk = j + 1
-        if buffered_rows >= c.shard_rows or (last and buffered_rows > 0):
-            span_end = chunks[j][-1] + 1
-            blobs = {}
-            for h in hook_names:
-                name = f"{h}/{A.shard_name(rank, progress.next_shard)}"
-                cols = _concat(buffers[h])
-                data = A.encode_shard(cols, {"hookpoint": h, "first_image": set_start, "end_image": span_end})
-                blobs[name] = data
-                progress.files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-                progress.shards.setdefault(h, []).append({
-                    "name": name, "rows": int(cols["acts"].shape[0]),
-                    "first_image": set_start, "end_image": span_end})
-            progress.next_shard += 1
-            progress.rows += buffered_rows
-            buffers = {h: [] for h in hook_names}
-            buffered_rows = 0
-            set_start = span_end
-            bytes_written += sum(len(b) for b in blobs.values())
-            pending.append(writer.submit(_write_set, c.out, rank, blobs, progress.to_json()))
-            pending = _reap(pending)
-            dt = time.perf_counter() - t0
-            tr.log_metrics({"images_per_s": images_done / dt, "tokens_per_s": rows_done / dt,
-                            "bytes_written": bytes_written}, step=progress.next_shard)
-        elif buffered_rows == 0:
-            set_start = chunks[j][-1] + 1
-        bar.update(1)
-    bar.close()
-    for f in pending:
-        f.result()
-    writer.shutdown()
-    progress.done = True
-    _save_progress(c.out, rank, progress.to_json())
+    images_done = rows_done = 0
+    if not progress.done:
+        todo = chunks[progress.next_chunk :]
+        loader = _loader(ds, todo, lmm.processor, prompt, c.num_workers)
+        step = functools.partial(_forward, lmm, hooks, c=c, capture=capture)
+        first_image = todo[0][0] if todo else hi
+        images_done, rows_done = _cache_chunks(c, rank, chunks, progress, first_image, loader, step,
+                                               hook_names, tr)
     elapsed = time.perf_counter() - t0
     _barrier(world)
     if rank != 0:
         return {}
-    return _seal(c, chash, world, hook_names, lmm, elapsed, images_done, rows_done, bytes_written)
+    return _seal(c, chash, world, hook_names, lmm, elapsed, images_done, rows_done)
+
+
+_Step = Callable[[dict[str, Any]], dict[str, dict[str, torch.Tensor]]]
+"""A loaded batch -> per hook point, its kept rows and their geometry columns (`_forward`)."""
+
+
+def _cache_chunks(c: CacheConfig, rank: int, chunks: list[list[int]], progress: _Progress, first_image: int,
+                  loader: Iterable[dict[str, Any]], step: _Step, hook_names: list[str],
+                  tr: tracking.StageTracker) -> tuple[int, int]:
+    """Run the batches of ``loader`` (chunks ``progress.next_chunk`` on) through ``step``; write shard sets.
+
+    Marks ``progress`` done at the end; returns the images and rows cached.
+    """
+    t0 = time.perf_counter()
+    images_done = rows_done = bytes_written = 0
+    writer = _SetWriter(c.out, rank)
+    buf = _SetBuffer.empty(first_image, hook_names)
+    bar = tqdm(total=len(chunks), initial=progress.next_chunk, desc=f"cache rank {rank}", unit="batch",
+               disable=rank != 0)
+    try:
+        for j, batch in enumerate(loader, start=progress.next_chunk):
+            buf.skipped.extend(batch["skipped"])
+            if batch["ok"]:
+                cols = step(batch)
+                for h in hook_names:
+                    buf.parts[h].append(cols[h])
+                n_rows = int(cols[hook_names[0]]["acts"].shape[0])
+                buf.rows += n_rows
+                rows_done += n_rows
+                images_done += len(batch["ok"])
+                buf.images.extend([i, w, h] for i, (w, h) in zip(batch["ok"], batch["sizes"], strict=True))
+            end_image = chunks[j][-1] + 1
+            if buf.rows >= c.shard_rows or (j == len(chunks) - 1 and buf.rows > 0):
+                index = progress.next_shard
+                progress.next_chunk, progress.next_shard = j + 1, index + 1
+                writer.submit(index, buf, end_image, progress.to_json())
+                buf = _SetBuffer.empty(end_image, hook_names)
+                bytes_written += writer.reap(in_flight=2)
+                dt = time.perf_counter() - t0
+                tr.log_metrics({"images_per_s": images_done / dt, "tokens_per_s": rows_done / dt,
+                                "bytes_written": bytes_written}, step=progress.next_shard)
+            elif buf.rows == 0:
+                buf.first_image = end_image
+            bar.update(1)
+        writer.reap(in_flight=0)
+    finally:
+        bar.close()
+        writer.close()
+    progress.next_chunk, progress.done, progress.skipped = len(chunks), True, buf.skipped
+    _save_progress(c.out, rank, progress.to_json())
+    return images_done, rows_done
 
 
 # ---------------------------------------------------------------------------------------------------
 # images in, tokens out
-
-def _default_prompt(model_uri: str) -> str:
-    """The prompt a model's artifact recommends (the toy LMM records its own), else just the image."""
-    try:
-        return str(storage.read_manifest(model_uri).extra.get("prompt", "<image>"))
-    except (FileNotFoundError, storage.ManifestError):
-        return "<image>"
-
 
 class _Batches(torch.utils.data.Dataset):
     """Chunk j -> decoded, preprocessed batch; bad images are skipped and reported, not raised."""
@@ -264,11 +280,19 @@ class _Batches(torch.utils.data.Dataset):
 
 
 def _decode(value: Any) -> Image.Image:
-    """An image cell (bytes/path dict from an undecoded HF column, or a PIL image) as RGB."""
+    """An image cell (bytes/path dict from an undecoded HF column, or a PIL image) as RGB.
+
+    Errors name the data, never an object's address, so a resumed run lists them byte for byte the same.
+    """
     if isinstance(value, Image.Image):
         img = value
     elif isinstance(value, dict) and value.get("bytes"):
-        img = Image.open(io.BytesIO(value["bytes"]))
+        data = value["bytes"]
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise UnidentifiedImageError(
+                f"cannot identify image data ({len(data)} bytes starting {data[:8]!r})") from None
     elif isinstance(value, dict) and value.get("path"):
         img = Image.open(value["path"])
     else:
@@ -276,7 +300,7 @@ def _decode(value: Any) -> Image.Image:
     img.load()
     if img.width < 1 or img.height < 1:
         raise ValueError(f"empty image {img.size}")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _loader(ds, chunks, processor, prompt, num_workers):
@@ -344,70 +368,132 @@ def _progress_uri(out: str, rank: int) -> str:
     return storage.join(out, PROGRESS.format(rank=rank))
 
 
-def _write_set(out: str, rank: int, blobs: dict[str, bytes], progress: dict[str, Any]) -> None:
-    """Write one shard set, then the progress that names it (so progress never names a missing shard)."""
-    for name, data in blobs.items():
+def _records_uri(out: str, rank: int) -> str:
+    return storage.join(out, SET_RECORDS.format(rank=rank))
+
+
+def _record_uri(out: str, rank: int, index: int) -> str:
+    return storage.join(_records_uri(out, rank), f"{index:05d}.json")
+
+
+def _write_set(out: str, rank: int, index: int, buf: _SetBuffer, end_image: int,
+               progress: dict[str, Any]) -> int:
+    """Encode and write shard set ``index``, then its record, then the progress that counts it.
+
+    In this order, progress never counts a set whose files are not all written. Returns the bytes written.
+    """
+    files: dict[str, dict[str, Any]] = {}
+    shards: dict[str, dict[str, Any]] = {}
+    for h, parts in buf.parts.items():
+        name = f"{h}/{A.shard_name(rank, index)}"
+        cols = _concat(parts)
+        data = A.encode_shard(cols, {"hookpoint": h, "first_image": buf.first_image, "end_image": end_image})
         storage.write_bytes(storage.join(out, name), data)
+        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        shards[h] = {"name": name, "rows": int(cols["acts"].shape[0]), "first_image": buf.first_image,
+                     "end_image": end_image}
+    record = {"files": files, "shards": shards, "images": buf.images, "skipped": buf.skipped}
+    storage.write_json(_record_uri(out, rank, index), record, indent=None)
     _save_progress(out, rank, progress)
+    return sum(f["bytes"] for f in files.values())
 
 
 def _save_progress(out: str, rank: int, progress: dict[str, Any]) -> None:
     storage.write_json(_progress_uri(out, rank), progress)
 
 
-def _reap(pending: list[Future]) -> list[Future]:
-    """Raise a failed write at once; keep at most two sets in flight (bounded memory)."""
-    for f in [f for f in pending if f.done()]:
-        f.result()
-    pending = [f for f in pending if not f.done()]
-    while len(pending) > 2:
-        pending.pop(0).result()
-    return pending
+class _SetWriter:
+    """Writes shard sets in order on one background thread: encoding and writing overlap the forward passes.
+
+    Once a write fails, the later ones write nothing: progress must never count a set after a missing one.
+    """
+
+    def __init__(self, out: str, rank: int):
+        self.out, self.rank = out, rank
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: deque[Future[int]] = deque()
+        self._failed = False
+
+    def submit(self, index: int, buf: _SetBuffer, end_image: int, progress: dict[str, Any]) -> None:
+        self._pending.append(self._pool.submit(self._write, index, buf, end_image, progress))
+
+    def _write(self, index: int, buf: _SetBuffer, end_image: int, progress: dict[str, Any]) -> int:
+        if self._failed:
+            raise CacheError(f"shard set {index} not written: an earlier set failed to write")
+        try:
+            return _write_set(self.out, self.rank, index, buf, end_image, progress)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def reap(self, in_flight: int) -> int:
+        """Wait until at most ``in_flight`` sets are left in flight (bounded memory); raise a failed write.
+
+        Returns the bytes the finished writes wrote.
+        """
+        written = 0
+        while self._pending and (self._pending[0].done() or len(self._pending) > in_flight):
+            written += self._pending.popleft().result()
+        return written
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _load_progress(out: str, rank: int, chash: str, hook_names: list[str]) -> _Progress:
+    """The rank's progress from an earlier run with the same config or a fresh one; drops unrecorded sets."""
     uri = _progress_uri(out, rank)
-    if not storage.exists(uri):
-        return _Progress(config_hash=chash)
-    data = storage.read_json(uri)
-    if data.get("config_hash") != chash:
-        raise CacheError(
-            f"{uri} records a partial run made with another config (hash {data.get('config_hash')} != {chash}); "
-            "rerun with the same config to resume, or choose another cache.out"
-        )
-    p = _Progress(**data)
-    # shards written after the last recorded progress (killed in between) are redone; drop them
-    known = set(p.files)
-    for h in hook_names:
-        try:
-            names = storage.list_files(storage.join(out, h))
-        except FileNotFoundError:
-            continue
-        for n in names:
-            parsed = A.parse_shard_name(n)
-            if parsed and parsed[0] == rank and f"{h}/{n}" not in known:
-                storage.delete(storage.join(out, h, n))
-    log.info("rank %d resumes at batch %d (%d shards done)", rank, p.next_chunk, p.next_shard)
+    p = _Progress(config_hash=chash)
+    if storage.exists(uri):
+        data = storage.read_json(uri)
+        if data.get("config_hash") != chash:
+            raise CacheError(
+                f"{uri} records a partial run made with another config (hash {data.get('config_hash')} != "
+                f"{chash}); rerun with the same config to resume, or choose another cache.out"
+            )
+        if data.get("version") != PROGRESS_VERSION:
+            raise CacheError(
+                f"{uri} is in progress format {data.get('version', 1)}, but this version resumes only format "
+                f"{PROGRESS_VERSION}; choose another cache.out"
+            )
+        p = _Progress(**data)
+        log.info("rank %d resumes at batch %d (%d shard sets done)", rank, p.next_chunk, p.next_shard)
+    # sets written after the last recorded progress (killed in between) are redone: drop their files
+    records = SET_RECORDS.format(rank=rank)
+    stale = [storage.join(h, n) for h in hook_names for n in storage.list_files(storage.join(out, h))
+             if (parsed := A.parse_shard_name(n)) and parsed[0] == rank and parsed[1] >= p.next_shard]
+    stale += [storage.join(records, n) for n in storage.list_files(storage.join(out, records))
+              if not (n.removesuffix(".json").isdigit() and int(n.removesuffix(".json")) < p.next_shard)]
+    for name in stale:
+        storage.delete(storage.join(out, name))
     return p
 
 
+def _read_rank(out: str, rank: int) -> _Progress | None:
+    uri = _progress_uri(out, rank)
+    return _Progress(**storage.read_json(uri)) if storage.exists(uri) else None
+
+
 def _seal(c: CacheConfig, chash: str, world: int, hook_names: list[str], lmm, elapsed: float,
-          images_done: int, rows_done: int, bytes_written: int) -> dict[str, Any]:
-    """Rank 0: merge every rank's progress into one manifest (written last) and drop the progress files."""
-    ranks = [storage.read_json(_progress_uri(c.out, r)) for r in range(world)]
-    not_done = [r for r, p in enumerate(ranks) if not p.get("done")]
+          images_done: int, rows_done: int) -> dict[str, Any]:
+    """Rank 0: merge every rank's set records into one manifest (written last) and drop the progress files."""
+    ranks = [_read_rank(c.out, r) for r in range(world)]
+    not_done = [r for r, p in enumerate(ranks) if p is None or not p.done]
     if not_done:
         raise CacheError(f"ranks {not_done} did not finish; rerun to resume them")
     files: dict[str, dict[str, Any]] = {}
     shards: dict[str, list[dict[str, Any]]] = {h: [] for h in hook_names}
     images: list[list[int]] = []
     skipped: list[dict[str, Any]] = []
-    for p in ranks:
-        files.update(p["files"])
-        for h in hook_names:
-            shards[h].extend(p["shards"].get(h, []))
-        images.extend(p["images"])
-        skipped.extend(p["skipped"])
+    with ThreadPoolExecutor(max_workers=8) as pool:  # many small reads: overlap their latency on S3
+        for r, p in enumerate(ranks):
+            for rec in pool.map(storage.read_json, [_record_uri(c.out, r, i) for i in range(p.next_shard)]):
+                files.update(rec["files"])
+                for h in hook_names:
+                    shards[h].append(rec["shards"][h])
+                images.extend(rec["images"])
+                skipped.extend(rec["skipped"])
+            skipped.extend(p.skipped)
     images.sort()
     if not images:
         raise CacheError(
@@ -438,6 +524,7 @@ def _seal(c: CacheConfig, chash: str, world: int, hook_names: list[str], lmm, el
         },
     )
     for r in range(world):
+        storage.delete(_records_uri(c.out, r))
         storage.delete(_progress_uri(c.out, r))
     log.info("sealed %s: %s", c.out, figures)
     return figures
