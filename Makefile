@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench compile lint clean
+.PHONY: venv test demo bench compile lint clean chromium
 
 venv: $(STAMP)
 
@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -e '.[dev,train]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# The dashboard's browser test uses Debian's chromium; installed here when missing and apt-get can.
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium fonts-liberation >/dev/null) \
+	  || echo "chromium could not be installed: the browser test will be skipped"
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)

@@ -14,7 +14,7 @@ runner = CliRunner()
 
 def test_every_stage_command_says_what_it_reads_and_writes():
     for cmd in (["cache"], ["train"], ["toyworld", "build"], ["demo"], ["pipeline", "compile"],
-                ["sae", "export-saelens"]):
+                ["sae", "export-saelens"], ["mine"], ["report"]):
         res = runner.invoke(app, [*cmd, "--help"])
         assert res.exit_code == 0, res.output
         text = " ".join(res.output.split())

@@ -128,6 +128,52 @@ def train(
         typer.echo(json.dumps({"sae": result.uri, **result.figures}, indent=2))
 
 
+@app.command()
+def mine(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    shards: Annotated[str | None, typer.Option(help="Activation-shard URI (overrides mine.shards).")] = None,
+    sae: Annotated[str | None, typer.Option(help="Trained SAE folder URI (overrides mine.sae).")] = None,
+) -> None:
+    """Find each SAE feature's top activating images, their per-token maps and heat maps.
+
+    Reads the `mine` config section, the activation shards (default RUN.WORKDIR/cache), the SAE (default
+    RUN.WORKDIR/train) and the image set and model named in the shards' manifest. Writes the top-examples
+    artifact (features.jsonl, maps.safetensors, images.json, heatmaps/, ground_truth.json on the toy world)
+    to mine.out (default RUN.WORKDIR/mine).
+    """
+    from mmsae.stages import mine as stage
+
+    cfg = _config(config, set_)
+    result = stage.run(cfg, shards=shards, sae=sae)
+    typer.echo(json.dumps({"top_examples": result.uri, **result.figures}, indent=2))
+
+
+@app.command()
+def report(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    top_examples: Annotated[str | None, typer.Option(help="Top-examples URI (overrides report.top_examples).")] = None,
+    explanations: Annotated[str | None, typer.Option(help="Explanations JSONL or folder.")] = None,
+    scores: Annotated[str | None, typer.Option(help="Scores JSONL or folder.")] = None,
+    steering: Annotated[str | None, typer.Option(help="Steering JSONL or folder.")] = None,
+    out: Annotated[str | None, typer.Option(help="Output folder (overrides report.out).")] = None,
+) -> None:
+    """Render the run's dashboard: one self-contained HTML page.
+
+    Reads the top-examples artifact of the mine stage (default RUN.WORKDIR/mine), the run's step summaries
+    and, when given, explanations, scores and steering results (JSONL). Writes OUT/index.html (default
+    RUN.WORKDIR/report) with a manifest, and logs the page to MLflow.
+    """
+    from mmsae.stages import report as stage
+
+    cfg = _config(config, set_)
+    if out:
+        cfg.report.out = out
+    r = stage.run(cfg, top_examples=top_examples, explanations=explanations, scores=scores, steering=steering)
+    typer.echo(json.dumps({"report": r.index_uri, **r.figures}, indent=2))
+
+
 @sae_app.command("export-saelens")
 def sae_export_saelens(
     sae: Annotated[str, typer.Argument(help="A trained SAE in sparsify's layout: the folder with cfg.json.")],
@@ -155,14 +201,17 @@ def demo(
 ) -> None:
     """Run the whole pipeline on this machine (kfp.local) on the toy world.
 
-    Reads the run config (defaults: the built-in toy world and toy LMM). Writes OUT/work (artifacts), OUT/mlflow.db (tracking), OUT/summary.json (each step's figures).
+    Reads the run config (default: the built-in demo profile, src/mmsae/profiles/demo.yaml). Writes OUT/work (artifacts), OUT/mlflow.db (tracking), OUT/summary.json (each step's figures).
     """
-    from mmsae.demo import run_demo
+    from mmsae.demo import DEMO_PROFILE, run_demo
 
-    summary = run_demo(_config(config, set_), out)
+    summary = run_demo(_config(config or DEMO_PROFILE, set_), out)
     typer.echo(json.dumps(summary, indent=2, sort_keys=True))
     typer.echo(f"summary: {Path(out).resolve() / 'summary.json'}")
     typer.echo(f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}")
+    index = summary["steps"].get("report", {}).get("index")
+    if index:
+        typer.echo(f"dashboard: {index}")
 
 
 @pipeline_app.command("compile")

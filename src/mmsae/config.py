@@ -40,14 +40,14 @@ class TrackingConfig(Section):
 
 
 class ToyWorldConfig(Section):
-    n_train: int = Field(8000, ge=1)
+    n_train: int = Field(6000, ge=1)
     """Number of training images."""
     n_heldout: int = Field(500, ge=1)
     """Number of held-out images (disjoint seeds), used to measure the toy LMM's captions."""
     min_size: int = Field(64, ge=32)
     """Smallest image side in pixels."""
-    max_size: int = Field(96, ge=32)
-    """Largest image side in pixels."""
+    max_size: int = Field(64, ge=32)
+    """Largest image side in pixels (sizes up to 96 work, but the toy LMM then learns textures more slowly)."""
     max_objects: int = Field(2, ge=1, le=4)
     """Most objects per scene (at least one)."""
     colors: list[str] = ["red", "green", "blue", "yellow", "purple", "orange", "white"]
@@ -61,7 +61,7 @@ class ToyWorldConfig(Section):
 
 
 class ToyLMMConfig(Section):
-    base_size: int = Field(48, ge=16)
+    base_size: int = Field(64, ge=16)
     """Side of the base view (and of each AnyRes tile) in pixels."""
     patch_size: int = Field(16, ge=2)
     """Vision patch size in pixels (must divide base_size)."""
@@ -187,7 +187,8 @@ class TrainConfig(Section):
     grad_clip: float = Field(0.0, ge=0)
     """Clip the global gradient norm to this value (0: off)."""
     zero_stage: int = Field(2, ge=0, le=2)
-    """DeepSpeed ZeRO stage: 0, 1 or 2 (optimizer state and gradients sharded; the SAE weights stay whole)."""
+    """DeepSpeed ZeRO stage: 0, 1 or 2 (optimizer state and gradients sharded; the SAE weights stay whole).
+    With one rank, stage 0 is used (nothing to partition)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """`auto`: bf16 autocast on GPUs (fp32 master weights), fp32 on the CPU."""
     device: str = "auto"
@@ -207,6 +208,88 @@ class TrainConfig(Section):
     """On the CPU, build DeepSpeed's shared-memory collective op (a C++ compile of minutes, once)."""
 
 
+class MineConfig(Section):
+    shards: str = ""
+    """Activation-shard artifact URI; empty: the pipeline's input (or `<run.workdir>/cache`)."""
+    sae: str = ""
+    """SAE URI: the train stage's output, or one SAE folder in sparsify's layout (cfg.json + sae.safetensors);
+    empty: the pipeline's input (or `<run.workdir>/train`)."""
+    out: str = ""
+    """Where the top examples go; empty: `<run.workdir>/mine`."""
+    hookpoint: str = ""
+    """Hook point to mine (its shards and its SAE); empty: the shards' first hook point."""
+    variant: str = ""
+    """SAE of a sweep to mine (its folder under the train stage's output); empty: the only one."""
+    features: list[int] = []
+    """Latents to mine; empty: every latent of the SAE."""
+    tokens: Literal["image", "text", "all"] = "image"
+    """Which cached tokens count: image tokens (every view, newline tokens included), text tokens, or all."""
+    score: Literal["max", "mean"] = "max"
+    """Image score of a feature: its max or its mean activation over the image's tokens (zeros included)."""
+    top_k: int = Field(10, ge=1)
+    """Top images kept per feature."""
+    n_quantiles: int = Field(5, ge=0)
+    """Score quantiles from which activating images outside the top are sampled (0: none)."""
+    quantile_examples: int = Field(1, ge=1)
+    """Images sampled per quantile."""
+    quantile_pool: int = Field(2, ge=1)
+    """Oversampling of the uniform sample of activating images that the quantiles are cut from: the sample
+    holds quantile_pool * n_quantiles * quantile_examples images per feature."""
+    n_random: int = Field(5, ge=0)
+    """Random images per feature on which it never fires (negatives), drawn from one seeded sample of
+    max(64, 16 * n_random) images (fewer for a feature that fires on almost all of them)."""
+    batch_rows: int = Field(8192, ge=1)
+    """Tokens per SAE encode call (whole images; at least one image)."""
+    max_block: int = Field(2**22, ge=1)
+    """Most (feature, image) scores computed at once; bounds the per-batch working memory."""
+    select: str = Field("all", pattern=r"^(all|ids:\d+(,\d+)*|most_active:\d+|random:\d+|"
+                        r"frequency:(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\.\.(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)$")
+    """Features later stages take: `all`, `ids:3,17,42`, `frequency:LO..HI` (share of tokens, inclusive),
+    `most_active:N` (highest token frequency) or `random:N` (seeded, among features that fire)."""
+    heatmaps: Literal["mined", "selected", "none"] = "mined"
+    """Heat-map PNGs of the top images of every mined feature, of the selected ones only, or none."""
+    heatmap_top: int | None = Field(None, ge=1)
+    """Heat maps for this many of each feature's top images; default all of them."""
+    gt_kinds: list[str] = ["color", "texture"]
+    """Concept kinds of an image set with ground truth (`kind:name` concepts + masks) that the ground-truth
+    figures average over; shapes are not learnt by the toy LMM, so leave them out."""
+    gt_iou_threshold: float = Field(0.5, gt=0, lt=1)
+    """Ground-truth IoU: the heat map is cut at this fraction of its own maximum before it meets the mask."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Dtype the SAE encodes in."""
+    device: str = "auto"
+    """`auto` (cuda when present), `cpu` or `cuda:N`."""
+    seed: int = 0
+    """Seed of the quantile, negative and random-selection samples."""
+
+
+class ReportConfig(Section):
+    top_examples: str = ""
+    """Top-examples artifact URI (the mine stage's output); default RUN.WORKDIR/mine."""
+    explanations: str = ""
+    """Explanations JSONL (a .jsonl file or an artifact folder holding one); empty: none shown."""
+    scores: str = ""
+    """Scores JSONL (a .jsonl file or an artifact folder holding one); empty: none shown."""
+    steering: str = ""
+    """Steering-results JSONL (a .jsonl file or an artifact folder holding one); empty: none shown."""
+    out: str = ""
+    """Output folder (local path or s3:// URI) for index.html; default RUN.WORKDIR/report."""
+    title: str = ""
+    """Page title; default `mmsae report: <run.name>`."""
+    max_detail_features: int = Field(200, ge=0)
+    """Most features shown in detail (images, heat maps, explanation, scores, steering); the index lists all."""
+    detail_order: Literal["selected", "feature", "frequency", "max_activation", "score"] = "selected"
+    """Which features get the detail sections when there are more than max_detail_features: the mine stage's
+    selection (the features later stages explain) then highest max activation, lowest id, most frequent,
+    highest max activation, or best mean score (features without scores last)."""
+    images_per_feature: int = Field(9, ge=1)
+    """Most top images (with heat maps) shown per feature."""
+    heatmap: Literal["overlay", "masked", "both"] = "overlay"
+    """Heat-map style shown: overlay (magnitude over the image), masked (inactive regions darkened), or both."""
+    image_width: int = Field(160, ge=16)
+    """Display width of each image in CSS pixels (small images are scaled up without smoothing)."""
+
+
 class RunConfig(Section):
     run: RunSection = RunSection()
     tracking: TrackingConfig = TrackingConfig()
@@ -214,6 +297,8 @@ class RunConfig(Section):
     toylmm: ToyLMMConfig = ToyLMMConfig()
     cache: CacheConfig = CacheConfig()
     train: TrainConfig = TrainConfig()
+    mine: MineConfig = MineConfig()
+    report: ReportConfig = ReportConfig()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -276,6 +276,9 @@ class TopKSAE(nn.Module):
         weights, as DeepSpeed ZeRO does, so that rescaling the parameters in place after a step would be
         undone) the rows are normalised here instead: the output uses unit-norm rows, and autograd through the
         normalisation removes the gradient component along each row. Otherwise the parameter as it is.
+        ``decode`` and ``forward`` do not build this copy: they pass ``normalize_rows`` to
+        :func:`~mmsae.sae.kernels.sparse_decode`, which applies the same normalisation to the selected rows
+        only (the autograd of an ``[m, d]`` division was measured at a second per step at 32 768 × 1024).
         """
         if not self.normalize_in_forward:
             return self.W_dec
@@ -310,7 +313,11 @@ class TopKSAE(nn.Module):
         lead = top_acts.shape[:-1]
         k = top_acts.shape[-1]
         out = sparse_decode(
-            top_acts.reshape(-1, k).to(self.dtype), top_indices.reshape(-1, k), self.decoder_weight(), self.b_dec
+            top_acts.reshape(-1, k).to(self.dtype),
+            top_indices.reshape(-1, k),
+            self.W_dec,
+            self.b_dec,
+            normalize_rows=self.normalize_in_forward,
         )
         return out.reshape(*lead, self.d_in)
 
@@ -386,8 +393,9 @@ class TopKSAE(nn.Module):
             top_idx = enc.indices.gather(1, pos)
             pattern = None
 
-        w_dec = self.decoder_weight()
-        sae_out = sparse_decode(top_acts, top_idx, w_dec, self.b_dec, pattern=pattern)
+        # with normalize_in_forward the decoder applies decoder_weight()'s normalisation itself (fused)
+        w_dec, norm = self.W_dec, self.normalize_in_forward
+        sae_out = sparse_decode(top_acts, top_idx, w_dec, self.b_dec, pattern=pattern, normalize_rows=norm)
         if total_variance is None:
             total_variance = (y - y.mean(0)).pow(2).sum()
         residual = y - sae_out
@@ -395,13 +403,13 @@ class TopKSAE(nn.Module):
         zero = fvu.new_zeros(())
 
         if k_aux_eff > 0:
-            e_hat = sparse_decode(enc.aux_acts, enc.aux_indices, w_dec, None)
+            e_hat = sparse_decode(enc.aux_acts, enc.aux_indices, w_dec, None, normalize_rows=norm)
             auxk_loss = scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
         else:
             auxk_loss = zero
 
         if self.cfg.multi_topk:
-            multi_out = sparse_decode(enc.acts, enc.indices, w_dec, self.b_dec)
+            multi_out = sparse_decode(enc.acts, enc.indices, w_dec, self.b_dec, normalize_rows=norm)
             multi_topk_fvu = (multi_out - y).pow(2).sum() / total_variance
         else:
             multi_topk_fvu = zero

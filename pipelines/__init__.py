@@ -1,0 +1,1 @@
+"""KFP pipelines (DAGs) of mmsae."""

@@ -1,0 +1,52 @@
+"""The full mmsae run as one KFP DAG: inputs -> cache -> train -> mine -> explain -> score -> steer -> report.
+
+It holds the steps that exist so far; every later stage adds its component and its step here, so the
+demo always runs the DAG end to end. The MLflow parent run is opened first and closed by an exit
+handler, so a failed run is recorded as FAILED.
+"""
+
+from kfp import dsl
+
+from mmsae.components.cache import cache
+from mmsae.components.inputs import inputs
+from mmsae.components.mine import mine
+from mmsae.components.report import report
+from mmsae.components.tracking import close_tracking, open_tracking
+from mmsae.components.train import train
+
+PIPELINE_NAME = "mmsae-sae-interp"
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="Cache, train, mine and explain SAE features of an LMM.")
+def sae_interp(config_yaml: str = "", run_name: str = ""):
+    """``config_yaml``: the whole run config (mmsae's schema) as YAML text; empty means the defaults."""
+    closer = close_tracking(config_yaml=config_yaml, kfp_job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+    closer.set_caching_options(False)
+    with dsl.ExitHandler(closer, name="run"):
+        opened = open_tracking(
+            config_yaml=config_yaml,
+            run_name=run_name,
+            kfp_job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            kfp_job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        )
+        opened.set_caching_options(False)
+        world = inputs(config_yaml=config_yaml, parent_run_id=opened.output)
+        world.set_display_name("inputs (image set + LMM; the toy world unless given)")
+        cached = cache(
+            config_yaml=config_yaml,
+            parent_run_id=opened.output,
+            image_set=world.outputs["image_set"],
+            lmm=world.outputs["lmm"],
+        )
+        cached.set_display_name("cache activations")
+        trained = train(config_yaml=config_yaml, parent_run_id=opened.output, shards=cached.outputs["shards"])
+        trained.set_display_name("train SAE")
+        mined = mine(
+            config_yaml=config_yaml,
+            parent_run_id=opened.output,
+            shards=cached.outputs["shards"],
+            sae=trained.outputs["sae"],
+        )
+        mined.set_display_name("mine top images")
+        dashboard = report(config_yaml=config_yaml, parent_run_id=opened.output, top_examples=mined.outputs["top_examples"])
+        dashboard.set_display_name("report")

@@ -1,0 +1,181 @@
+"""Ground truth on an image set with planted concepts (the toy world): does a feature stand for a concept?
+
+Reads mined features (their top images and per-token activation maps), the image set's ``concepts``
+(``kind:name`` strings per image) and ``masks`` (one binary mask per concept, aligned with ``concepts``),
+and the model's image geometry for the heat maps. Writes nothing.
+
+For each planted concept the best-matching feature is the one whose top-K images most often hold the
+concept (ties: the lower feature id). Its **top-K precision** is the share of its top-K slots filled by an
+image that holds the concept (slots a rare feature leaves empty count as misses, so a feature with one top
+image cannot reach 1.0 by luck). Its **IoU** is a hard IoU, averaged over those of its top images that hold
+the concept: the heat map (:func:`mmsae.heatmaps.activation_map`, every view, resampled bilinearly to the
+image's size) cut at ``threshold`` times its own maximum, against the concept's mask. The random baseline
+of the precision is the concept's base rate: the share of images that hold it.
+
+Only the concept kinds asked for count in the averages (colours and textures by default: shapes are not
+learnt by the toy LMM, so no figure depends on them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from mmsae.examples import FeatureRecord
+from mmsae.heatmaps import activation_map
+from mmsae.models.geometry import PatchInfo
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ConceptMatch", "concept_matches", "ground_truth_of", "has_ground_truth", "summarize"]
+
+IOU_METHOD = "hard IoU: heat map >= threshold * its maximum, against the concept mask"
+
+
+@dataclass(frozen=True)
+class ConceptMatch:
+    """A planted concept and the feature that matches it best."""
+
+    concept: str
+    kind: str
+    feature: int | None
+    """None when no mined feature has a top image holding the concept."""
+    hits: int
+    """Top images of the feature that hold the concept."""
+    top_k: int
+    precision: float
+    iou: float | None
+    """None when it could not be measured (no geometry, or no top image with the concept)."""
+    iou_images: int
+    base_rate: float
+    """Share of the images that hold the concept: the precision of a random feature."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def has_ground_truth(ds) -> bool:
+    """Whether an image set carries planted concepts with masks."""
+    return {"concepts", "masks"} <= set(ds.column_names)
+
+
+def concept_matches(
+    records: Sequence[FeatureRecord],
+    concepts_of: Sequence[Sequence[str]],
+    *,
+    top_k: int,
+    tokens_of: Callable[[int, int], Mapping[str, Any]] | None = None,
+    mask_of: Callable[[int, str], np.ndarray] | None = None,
+    info: PatchInfo | None = None,
+    image_ids: Sequence[int] | None = None,
+    threshold: float = 0.5,
+) -> list[ConceptMatch]:
+    """Match every concept of the image set to its best feature (see the module's docstring).
+
+    ``concepts_of[i]``: the concepts of image row ``i``. ``image_ids``: the images the features were mined
+    on (the base rate's population; default every row). ``tokens_of(feature, image)``, ``mask_of(image,
+    concept)`` and ``info`` are needed for the IoU; without them it is None.
+    """
+    ids = list(range(len(concepts_of))) if image_ids is None else [int(i) for i in image_ids]
+    if not ids:
+        return []
+    counts: Counter[str] = Counter()
+    for i in ids:
+        counts.update(set(concepts_of[i]))
+    best: dict[str, tuple[int, int]] = {}  # concept -> (hits, feature)
+    for rec in records:
+        hits: Counter[str] = Counter()
+        for img in rec.top_images:
+            hits.update(set(concepts_of[img]))
+        for c, h in hits.items():
+            cur = best.get(c)
+            if cur is None or h > cur[0] or (h == cur[0] and rec.feature < cur[1]):
+                best[c] = (h, rec.feature)
+    by_id = {rec.feature: rec for rec in records}
+    out = []
+    for c in sorted(counts):
+        kind = c.split(":", 1)[0]
+        base = counts[c] / len(ids)
+        if c not in best:
+            out.append(ConceptMatch(c, kind, None, 0, top_k, 0.0, None, 0, base))
+            continue
+        h, f = best[c]
+        iou, n_iou = None, 0
+        if tokens_of is not None and mask_of is not None and info is not None:
+            ious = []
+            for img in by_id[f].top_images:
+                if c not in concepts_of[img]:
+                    continue
+                mask = np.asarray(mask_of(img, c), dtype=bool)
+                heat = activation_map(tokens_of(f, img), mask.shape, info)
+                ious.append(_iou(heat, mask, threshold))
+            if ious:
+                iou, n_iou = float(np.mean(ious)), len(ious)
+        out.append(ConceptMatch(c, kind, f, h, top_k, h / top_k, iou, n_iou, base))
+    return out
+
+
+def _iou(heat: np.ndarray, mask: np.ndarray, threshold: float) -> float:
+    top = float(heat.max())
+    if top <= 0:
+        return 0.0
+    on = heat >= threshold * top
+    union = int((on | mask).sum())
+    return int((on & mask).sum()) / union if union else 0.0
+
+
+def summarize(matches: Sequence[ConceptMatch], kinds: Sequence[str]) -> dict[str, float]:
+    """Headline figures over the concepts of ``kinds``: mean precision, IoU and random-baseline precision."""
+    kinds = list(kinds)
+    counted = [m for m in matches if m.kind in kinds]
+    if not counted:
+        return {}
+    ious = [m.iou for m in counted if m.iou is not None]
+    figures: dict[str, float] = {
+        "gt_concepts": len(counted),
+        "gt_topk_precision": float(np.mean([m.precision for m in counted])),
+        "gt_topk_precision_random": float(np.mean([m.base_rate for m in counted])),
+        "gt_features_distinct": len({m.feature for m in counted if m.feature is not None}),
+    }
+    if ious:
+        figures["gt_iou"] = float(np.mean(ious))
+    for kind in kinds:
+        sub = [m for m in counted if m.kind == kind]
+        if sub:
+            figures[f"gt_topk_precision_{kind}"] = float(np.mean([m.precision for m in sub]))
+            sub_iou = [m.iou for m in sub if m.iou is not None]
+            if sub_iou:
+                figures[f"gt_iou_{kind}"] = float(np.mean(sub_iou))
+    return figures
+
+
+def mask_reader(ds) -> Callable[[int, str], np.ndarray]:
+    """``mask_of(image, concept)`` over an image set's ``concepts`` and ``masks`` columns."""
+    cols = ds.select_columns(["concepts", "masks"])
+
+    def mask_of(i: int, concept: str) -> np.ndarray:
+        row = cols[int(i)]
+        return np.asarray(row["masks"][row["concepts"].index(concept)].convert("1"), dtype=bool)
+
+    return mask_of
+
+
+def ground_truth_of(top_examples, image_set: str, split: str | None = None, *, kinds: Sequence[str] = ("color", "texture"),
+                    threshold: float = 0.5, info: PatchInfo | None = None) -> tuple[list[ConceptMatch], dict[str, float]]:
+    """Ground truth of a sealed top-examples artifact (a :class:`~mmsae.examples.TopExamples`) on its image set."""
+    from mmsae.data.images import load_image_set
+
+    ds = load_image_set(image_set, split)
+    if not has_ground_truth(ds):
+        return [], {}
+    records = top_examples.features()
+    matches = concept_matches(
+        records, ds["concepts"], top_k=int(top_examples.extra["top_k"]),
+        tokens_of=top_examples.activation_tokens, mask_of=mask_reader(ds), info=info,
+        threshold=threshold)
+    return matches, summarize(matches, kinds)

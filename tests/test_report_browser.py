@@ -1,0 +1,138 @@
+"""The report in a real headless browser (Debian's chromium): sorting script, rendered images, no injected script.
+
+Skipped only when /usr/bin/chromium is absent. The screenshot is kept as tests-artifacts/report.png.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from test_report import (
+    FEATURES,
+    XSS,
+    explanations_for,
+    heatmap_png,
+    index_rows,
+    make_top_examples,
+    parse,
+    section,
+    top_images,
+    write_jsonl,
+)
+
+from mmsae.config import RunConfig
+from mmsae.stages import report
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "tests-artifacts"
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                "(apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory) -> Path:
+    """A report with explanations (one hostile), two scorers and steering results."""
+    t = tmp_path_factory.mktemp("browser")
+    cfg = RunConfig()
+    cfg.run.workdir = str(t / "work")
+    cfg.run.name = "toy-run"
+    cfg.tracking.enabled = False
+    make_top_examples(str(t / "work" / "mine"))
+    expl = explanations_for(FEATURES)
+    expl[0]["explanation"] = XSS
+    scores = [{"feature": f, "scorer": s, "score": ((f * 7) % 10) / 10, "details": {"images": 8}}
+              for f in FEATURES for s in ("iou", "clip")]
+    steering = [{"feature": 3, "strength": 4.0, "prompt": "Describe the image.", "baseline_output": "a square",
+                 "steered_output": "a red square", "metrics": {"concept_rate": 0.75}}]
+    out = report.run(cfg, explanations=write_jsonl(t / "e.jsonl", expl), scores=write_jsonl(t / "s.jsonl", scores),
+                     steering=write_jsonl(t / "st.jsonl", steering))
+    return Path(out.index_uri)
+
+
+def chromium(tmp: Path, *args: str) -> str:
+    """Run headless chromium with its own profile folder and no network services; returns stdout."""
+    profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", *args]
+    env = {**os.environ, "HOME": str(tmp)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def rendered_dom(tmp: Path, file: Path, fragment: str = "") -> str:
+    return chromium(tmp, "--dump-dom", file.as_uri() + fragment)
+
+
+def row_features(dom: str) -> list[int]:
+    return [int(r.attrs["data-feature"]) for r in index_rows(parse(dom))]
+
+
+def by(key: int, descending: bool = False) -> list[int]:
+    return sorted(FEATURES, key=lambda f: FEATURES[f][key], reverse=descending)
+
+
+def test_sort_fragment_orders_the_index_after_the_script_ran(page, tmp_path):
+    dom = rendered_dom(tmp_path, page, "#sort=-frequency")
+    assert row_features(dom) == by(0, descending=True) != sorted(FEATURES)
+    th = parse(dom).find("th", data_key="frequency")
+    assert th.attrs["aria-sort"] == "descending"
+    dom = rendered_dom(tmp_path, page, "#sort=max-activation")
+    assert row_features(dom) == by(2)
+
+
+def test_clicking_a_header_sorts_descending_then_ascending(page, tmp_path):
+    clicker = (
+        "document.addEventListener('DOMContentLoaded', function () {"
+        " var th = document.querySelector('th[data-key=\"max-activation\"]'); th.click();"
+        " var ids = Array.prototype.map.call(document.querySelectorAll('#feature-index tbody tr'),"
+        "   function (r) { return r.getAttribute('data-feature'); });"
+        " document.body.setAttribute('data-after-one-click', ids.join(',')); th.click(); });"
+    )
+    html = page.read_text()
+    digest = base64.b64encode(hashlib.sha256(clicker.encode()).digest()).decode()
+    html = html.replace("script-src ", f"script-src 'sha256-{digest}' ", 1)
+    html = html.replace("</head>", f"<script>{clicker}</script></head>", 1)
+    probe = tmp_path / "clicked.html"
+    probe.write_text(html)
+    dom = rendered_dom(tmp_path, probe)
+    after_one = parse(dom).find("body").attrs["data-after-one-click"]
+    assert [int(x) for x in after_one.split(",")] == by(2, descending=True)
+    assert row_features(dom) == by(2)
+    assert parse(dom).find("th", data_key="max-activation").attrs["aria-sort"] == "ascending"
+
+
+def test_rendered_sections_show_their_images_and_no_injected_script_ran(page, tmp_path):
+    doc = parse(rendered_dom(tmp_path, page))
+    for f in FEATURES:
+        imgs = section(doc, f).find_all("img")
+        assert len(imgs) == len(top_images(f))
+        assert all(i.attrs["src"].startswith("data:image/png;base64,") for i in imgs)
+    body = doc.find("body")
+    assert "data-pwned" not in body.attrs
+    assert len(doc.find_all("script")) == 1
+    assert section(doc, 3).find("span", **{"class": "text"}).text() == XSS
+
+
+def test_screenshot_shows_the_heatmaps(page, tmp_path):
+    shot = tmp_path / "report.png"
+    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2000", page.as_uri())
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / ".gitignore").write_text("*\n")
+    shutil.copyfile(shot, ARTIFACTS / "report.png")
+    img = Image.open(shot).convert("RGB")
+    assert img.size == (1280, 2000)
+    colours = {c for _, c in img.getcolors(maxcolors=1 << 20)}
+    # the first overlay heat map of the first feature is on screen, scaled up without smoothing
+    want = Image.open(io.BytesIO(heatmap_png(3, 0, "overlay"))).convert("RGB").getpixel((0, 0))
+    assert any(all(abs(a - b) <= 3 for a, b in zip(c, want, strict=True)) for c in colours), want
