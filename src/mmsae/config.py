@@ -80,7 +80,7 @@ class ToyLMMConfig(Section):
     """Depth of the Llama text model."""
     text_heads: int = Field(4, ge=1)
     """Attention heads of the Llama text model (half as many key/value heads)."""
-    steps: int = Field(2800, ge=1)
+    steps: int = Field(3600, ge=1)
     """Optimiser steps of caption training (the result depends on steps, never on wall time)."""
     batch_size: int = Field(32, ge=1)
     """Images per training step."""
