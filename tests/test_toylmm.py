@@ -165,6 +165,17 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
 
 
+def test_training_runs_on_the_configured_threads_and_restores_them(tmp_path, monkeypatch):
+    world = ToyWorldConfig(n_train=8, n_heldout=2)
+    cfg = TINY_LMM.model_copy(update={"steps": 1, "batch_size": 4})
+    monkeypatch.setenv(toy.THREADS_ENV, "2")
+    assert toy.train_toy_lmm(cfg, world, None, tmp_path / "a")["torch_threads"] == 2
+    assert torch.get_num_threads() == 1  # the module's setting is back
+    monkeypatch.setenv(toy.THREADS_ENV, "many")
+    with pytest.raises(toy.ToyLMMError, match="MMSAE_TOY_THREADS='many': expected a positive number"):
+        toy.train_toy_lmm(cfg, world, None, tmp_path / "b")
+
+
 def test_training_reads_a_built_image_set_with_several_shapes(tmp_path):
     world = ToyWorldConfig(n_train=16, n_heldout=3, seed=4, shapes=["square", "circle", "triangle"])
     toyworld.build(world, tmp_path / "world")

@@ -129,7 +129,7 @@ def test_caption_names_the_objects_from_left_to_right():
 
 
 def test_image_sizes_stay_within_bounds_and_vary():
-    cfg = ToyWorldConfig(min_size=64, max_size=80)
+    cfg = ToyWorldConfig(min_size=64, max_size=80, size_step=1, long_side_max=False)
     scenes = toyworld.generate(cfg, "heldout", 200)
     widths = [s.width for s in scenes]
     heights = [s.height for s in scenes]
@@ -137,6 +137,33 @@ def test_image_sizes_stay_within_bounds_and_vary():
     assert len(set(zip(widths, heights, strict=True))) > 50
     assert all(s.image.shape == (s.height, s.width, 3) and s.image.dtype == np.uint8 for s in scenes)
     assert all(1 <= len(s.objects) <= cfg.max_objects for s in scenes)
+
+
+def test_sizes_keep_the_long_side_and_step_the_short_one():
+    cfg = ToyWorldConfig(max_size=96)
+    sizes = {(s.width, s.height) for s in toyworld.generate(cfg, "train", 300)}
+    assert all(max(w, h) == cfg.max_size for w, h in sizes)
+    allowed = set(range(cfg.min_size, cfg.max_size + 1, cfg.size_step))
+    assert all(w in allowed and h in allowed for w, h in sizes)
+    assert {min(w, h) for w, h in sizes} == allowed  # every aspect ratio shows up
+    assert any(w > h for w, h in sizes) and any(w < h for w, h in sizes)
+
+
+def test_texture_patterns_lie_on_the_image_pixel_grid():
+    cfg = ToyWorldConfig(textures=["striped", "checkered"], seed=6)
+    seen = set()
+    for scene in toyworld.generate(cfg, "train", 40):
+        for o in scene.objects:
+            region = scene.image[o.y0 : o.y1, o.x0 : o.x1].astype(int).sum(-1)
+            bright = region > (region.max() + region.min()) / 2
+            ys, xs = np.mgrid[o.y0 : o.y1, o.x0 : o.x1]  # image coordinates, not box coordinates
+            if o.texture == "striped":
+                expected = (ys % 4) < 2
+            else:
+                expected = ((ys // 2 + xs // 2) % 2) == 0
+            assert np.array_equal(bright, expected), (scene.id, o)
+            seen.add((o.texture, o.x0 % 4, o.y0 % 4))
+    assert len(seen) > 8  # boxes start at every phase, the pattern does not follow them
 
 
 def test_size_classes_stay_apart_after_rescaling_to_a_common_size():

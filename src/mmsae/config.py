@@ -47,7 +47,13 @@ class ToyWorldConfig(Section):
     min_size: int = Field(64, ge=32)
     """Smallest image side in pixels."""
     max_size: int = Field(64, ge=32)
-    """Largest image side in pixels (sizes up to 96 work, but the toy LMM then learns textures more slowly)."""
+    """Largest image side in pixels. 96 gives varied aspect ratios and multi-tile AnyRes views, which the toy
+    LMM learns more slowly (more image tokens per image); the default 64 x 64 keeps its training to minutes."""
+    size_step: int = Field(8, ge=1)
+    """Image sides are min_size plus a multiple of this."""
+    long_side_max: bool = True
+    """The longer image side is always max_size and only the other one varies (aspect ratios still do); False:
+    both sides vary independently."""
     max_objects: int = Field(2, ge=1, le=4)
     """Most objects per scene (at least one)."""
     colors: list[str] = ["red", "green", "blue", "yellow", "purple", "orange", "white"]
@@ -76,11 +82,11 @@ class ToyLMMConfig(Section):
     """Attention heads of the CLIP vision tower."""
     text_hidden: int = Field(128, ge=8)
     """Width of the Llama text model."""
-    text_layers: int = Field(4, ge=1)
+    text_layers: int = Field(2, ge=1)
     """Depth of the Llama text model."""
     text_heads: int = Field(4, ge=1)
     """Attention heads of the Llama text model (half as many key/value heads)."""
-    steps: int = Field(3600, ge=1)
+    steps: int = Field(1500, ge=1)
     """Optimiser steps of caption training (the result depends on steps, never on wall time)."""
     batch_size: int = Field(32, ge=1)
     """Images per training step."""

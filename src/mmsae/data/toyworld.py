@@ -214,9 +214,12 @@ def _shape_mask(shape: str, side: int) -> np.ndarray:
     raise ToyWorldError(f"unknown shape {shape!r}; expected one of {list(SHAPES)}")
 
 
-def _texture_on(texture: str, side: int) -> np.ndarray:
-    """A (side, side) bool pattern: True where the object shows its full colour, False where it is dark."""
-    yy, xx = np.mgrid[0:side, 0:side]
+def _texture_on(texture: str, x0: int, y0: int, side: int) -> np.ndarray:
+    """A (side, side) bool pattern for the box at (x0, y0): True where the object shows its full colour, False
+    where it is dark. Patterns are laid on the image's pixel grid (like a wallpaper the object cuts out), so
+    every object of a texture shows the same phase: a model whose patches are multiples of 4 px on the image
+    grid sees one fixed pattern per texture, which it learns far faster than a pattern of any phase."""
+    yy, xx = np.mgrid[y0 : y0 + side, x0 : x0 + side]
     if texture == "solid":
         return np.ones((side, side), dtype=bool)
     if texture == "striped":  # horizontal bands, 2 px bright then 2 px dark
@@ -255,11 +258,20 @@ def _place(
     return None
 
 
+def _image_size(cfg: ToyWorldConfig, rng: np.random.Generator) -> tuple[int, int]:
+    """(width, height): sides of min_size + k * size_step up to max_size; with ``long_side_max`` the longer side
+    is max_size and only the other one varies (either side may be the longer)."""
+    sides = np.arange(cfg.min_size, cfg.max_size + 1, cfg.size_step)
+    a = int(sides[rng.integers(len(sides))])
+    if not cfg.long_side_max:
+        return a, int(sides[rng.integers(len(sides))])
+    return (cfg.max_size, a) if rng.random() < 0.5 else (a, cfg.max_size)
+
+
 def generate_scene(cfg: ToyWorldConfig, split: str, index: int) -> Scene:
     """Scene ``index`` of ``split``: a function of (cfg, split, index) only."""
     rng = np.random.default_rng([cfg.seed, _split_index(split), index])
-    width = int(rng.integers(cfg.min_size, cfg.max_size + 1))
-    height = int(rng.integers(cfg.min_size, cfg.max_size + 1))
+    width, height = _image_size(cfg, rng)
     grey = rng.integers(0, BACKGROUND_MAX + 1)
     tint = rng.integers(-10, 11, size=3)
     bg = np.clip(grey + tint, 0, 255).astype(np.uint8)
@@ -283,7 +295,7 @@ def generate_scene(cfg: ToyWorldConfig, split: str, index: int) -> Scene:
         x0, y0 = corner
         rgb = np.clip(np.array(COLORS[color]) + jitter, 0, 255)
         local = _shape_mask(shape, side)
-        on = _texture_on(texture, side)
+        on = _texture_on(texture, x0, y0, side)
         colored = np.where(on[..., None], rgb, np.round(rgb * DARK_FACTOR)).astype(np.uint8)
         region = image[y0 : y0 + side, x0 : x0 + side]
         region[local] = colored[local]
