@@ -5,7 +5,7 @@ Writes ``<out_dir>/train.json`` and prints the figures. Reads nothing (the activ
 The step is the one :mod:`mmsae.stages.train` runs: the stage's :class:`~mmsae.stages.train.SaeBundle`
 (decoder rows normalised in the forward pass) in the DeepSpeed engine of
 :func:`~mmsae.stages.train.build_engine` (the config's ZeRO stage, one rank set up in-process by the stage's
-``_init_distributed``, torch's fused Adam, the LR schedule), with the stage's default
+``process_group``, torch's fused Adam, the LR schedule), with the stage's default
 :class:`~mmsae.config.TrainConfig` apart from the shape. Per step it times what the stage's loop does:
 the batch variance and dead-latent mask, ``engine(batch, ...)`` (under bf16 autocast on a GPU),
 ``engine.backward``, ``engine.step`` and the dead-latent counters, reported as the parts ``forward``,
@@ -99,14 +99,20 @@ def residual_like(n: int, d: int, count: int, device: torch.device, seed: int = 
 
 
 def measure(setup: Setup, device: torch.device, precision: str = "auto") -> dict[str, Any]:
+    """Time the stage's training step inside the stage's one-rank process group; see :func:`_measure`."""
+    t = TrainConfig(num_latents=setup.num_latents, k=setup.k, batch_size=setup.batch_tokens,
+                    device=str(device), precision=precision)
+    with stage.process_group(t):
+        return _measure(setup, device, t)
+
+
+def _measure(setup: Setup, device: torch.device, t: TrainConfig) -> dict[str, Any]:
     """Time the stage's training step, the baseline and the naive step for ``setup`` on ``device``.
 
-    ``precision`` is the stage's ``train.precision`` (``auto``: bf16 autocast on a GPU, fp32 on the CPU).
+    ``t.precision`` is the stage's ``train.precision`` (``auto``: bf16 autocast on a GPU, fp32 on the CPU).
     Returns the figures :func:`main` writes; nothing is written here.
     """
     n, d, m, k = setup.batch_tokens, setup.d_in, setup.num_latents, setup.k
-    t = TrainConfig(num_latents=m, k=k, batch_size=n, device=str(device), precision=precision)
-    stage._init_distributed(t)
     autocast = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")  # as the Trainer
     world = 1
     sync = timing.cuda_sync(device)

@@ -74,9 +74,13 @@ def test_one_rank_engine_uses_no_zero_partitioning_and_no_allreduce() -> None:
     from mmsae.stages import train
 
     t = TrainConfig(num_latents=64, k=4, batch_size=8, device="cpu", zero_stage=2)
-    train._init_distributed(t)
-    bundle = train.SaeBundle([train.Variant("", "h", 64, 4, 1e-3)], 16, t)
-    engine = train.build_engine(bundle, t, world=1, total_steps=10)
+    with train.process_group(t):
+        bundle = train.SaeBundle([train.Variant("", "h", 64, 4, 1e-3)], 16, t)
+        engine = train.build_engine(bundle, t, world=1, total_steps=10)
+        _one_engine_step(engine, bundle, t)
+
+
+def _one_engine_step(engine, bundle, t) -> None:
     assert engine.zero_optimization_stage() == 0
     assert not engine.enable_backward_allreduce
     x = torch.randn(8, 16)

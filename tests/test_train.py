@@ -124,6 +124,21 @@ def test_training_learns_planted_features_and_writes_sparsify_layout(tmp_path):
     storage.verify_artifact(str(out), kind=train.KIND)
 
 
+def test_in_process_run_leaves_no_process_group_or_launcher_variables(tmp_path, monkeypatch):
+    # A one-rank run inside a long-lived process (a test session, a notebook, a local pipeline that
+    # spawns the next stage) must not leave RANK/MASTER_PORT behind: a child process would inherit
+    # them and try to join a group whose store the parent still holds.
+    for k in train._LAUNCHER_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "10.9.8.7")  # set by the user: kept as it was
+    shards = make_shards(str(tmp_path / "acts"), n_shards=2)
+    for run in range(2):  # and a second run in the same process makes its own group again
+        train.run(cfg_for(shards, tmp_path / f"sae{run}", max_steps=3))
+        assert not torch.distributed.is_initialized()
+        assert {k: os.environ.get(k) for k in train._LAUNCHER_ENV} == {
+            "RANK": None, "WORLD_SIZE": None, "LOCAL_RANK": None, "MASTER_ADDR": "10.9.8.7", "MASTER_PORT": None}
+
+
 def test_sweep_trains_several_saes_from_one_pass(tmp_path):
     shards = make_shards(str(tmp_path / "acts"), hookpoints=("layers.1", "layers.2"))
     out = tmp_path / "sae"

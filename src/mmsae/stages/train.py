@@ -14,11 +14,12 @@ Several SAEs (a sweep over width and k, or several hook points) train from one p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,7 @@ def run(cfg: RunConfig, shards: str | None = None, parent_run_id: str | None = N
         "shards": shards or cfg.train.shards or stage_uri(cfg.run.workdir, "cache"),
         "out": cfg.train.out or stage_uri(cfg.run.workdir, STEP),
     })
-    rank, world, local_rank = _init_distributed(t)
-    with tracking.stage_run(
+    with process_group(t) as (rank, world, local_rank), tracking.stage_run(
         STEP, parent_run_id=parent_run_id, config={"train": t.model_dump(mode="json")},
         uri=cfg.tracking.uri, experiment=cfg.tracking.experiment, enabled=cfg.tracking.enabled and rank == 0,
     ) as tr:
@@ -88,32 +88,50 @@ def run(cfg: RunConfig, shards: str | None = None, parent_run_id: str | None = N
 # processes and devices
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _init_distributed(t: TrainConfig) -> tuple[int, int, int]:
-    """Join the launcher's process group (or make a one-rank group in-process) through DeepSpeed."""
+@contextlib.contextmanager
+def process_group(t: TrainConfig) -> Iterator[tuple[int, int, int]]:
+    """Join the launcher's process group through DeepSpeed, or make a one-rank group in-process.
+
+    Yields ``(rank, world, local_rank)``. A one-rank group made here lives only as long as the block:
+    it rests on an in-memory store (no port is bound), and the launcher variables DeepSpeed reads
+    are set for the block only, so the process (a test run, a notebook, a KFP driver that spawns
+    more stages) is left as it was found.
+    """
     import deepspeed
 
-    if "RANK" not in os.environ:  # started in-process: one rank
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                           "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and t.device != "cpu"
-    if not cuda and not t.cpu_shm_comm:
+    if not (torch.cuda.is_available() and t.device != "cpu") and not t.cpu_shm_comm:
         # The shared-memory collective op is a C++ extension compiled on first use (minutes); gloo
         # does the same job without it. Marking it incompatible makes DeepSpeed skip the build.
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
-    return rank, world, local_rank
+    backend = "nccl" if torch.cuda.is_available() and t.device != "cpu" else "gloo"
+    if "RANK" in os.environ or torch.distributed.is_initialized():  # a launcher (or the caller) owns it
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        yield (torch.distributed.get_rank(), torch.distributed.get_world_size(),
+               int(os.environ.get("LOCAL_RANK", "0")))
+        return
+    saved = {k: os.environ.get(k) for k in _LAUNCHER_ENV}
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"})
+    try:
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        yield 0, 1, 0
+    finally:
+        if torch.distributed.is_initialized():
+            import deepspeed.comm
+
+            deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached subgroups
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _device(t: TrainConfig, local_rank: int) -> torch.device:
@@ -577,6 +595,7 @@ class Trainer:
         return out
 
 
+@torch.no_grad()
 def _spliced_loss(lmm, enc, labels, hookpoint=None, where=None, replace=None) -> float:
     """The LM loss on ``labels`` with the hook point's output replaced by ``replace(x)`` at ``where``."""
     from mmsae.models import resolve_hookpoint
