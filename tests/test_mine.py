@@ -484,6 +484,22 @@ def test_ground_truth_finds_a_planted_feature_and_ignores_shapes(toy):
     half = GT.concept_matches(recs, concepts, top_k=6)
     assert {m.concept: m for m in half}["color:red"].precision == 0.5  # empty top slots count as misses
 
+    # two features whose top images all hold red: the one whose map lies on the red object is the match,
+    # whatever the ids; without maps to compare, the lower id
+    same = [{"image_idx": i, "score": 1.0} for i in red]
+    off = {k: v[:1] for k, v in full.items()}  # one corner cell: a map off the object
+    for ids in ((1, 5), (5, 1)):
+        tied = [FeatureRecord(ids[0], 0.1, 0.1, 1.0, 1.0, top=same), FeatureRecord(ids[1], 0.1, 0.1, 1.0, 1.0, top=same)]
+
+        def by_map(f, i, local=ids[1]):
+            return tokens_of(5, i) if f == local else off
+
+        red_match = {m.concept: m for m in GT.concept_matches(tied, concepts, top_k=3, tokens_of=by_map,
+                                                              mask_of=masks, info=info)}["color:red"]
+        assert (red_match.feature, red_match.tied) == (ids[1], 2)
+        assert red_match.iou == pytest.approx(by["color:red"].iou)
+    assert {m.concept: m for m in GT.concept_matches(tied, concepts, top_k=3)}["color:red"].feature == 1
+
 
 def test_component_points_to_the_artifact_and_logs_its_figures(setup, tmp_path):
     from kfp.dsl import Dataset, Metrics, Model

@@ -5,7 +5,11 @@ Reads mined features (their top images and per-token activation maps), the image
 and the model's image geometry for the heat maps. Writes nothing.
 
 For each planted concept the best-matching feature is the one whose top-K images most often hold the
-concept (ties: the lower feature id). Its **top-K precision** is the share of its top-K slots filled by an
+concept; among the features tied at that count, the one whose maps cover the concept best (highest IoU,
+as Network Dissection ranks units; at most ``max_candidates`` tied features are measured, lowest ids
+first; remaining ties: the lower feature id). The tie-break matters: images hold several objects, so a
+top-K is often filled by images that all hold a concept while the feature fires on another object of
+them; ranking by precision alone then picks such a feature by its id. Its **top-K precision** is the share of its top-K slots filled by an
 image that holds the concept (slots a rare feature leaves empty count as misses, so a feature with one top
 image cannot reach 1.0 by luck). Its **IoU** is a hard IoU, averaged over those of its top images that hold
 the concept: the heat map (:func:`mmsae.heatmaps.activation_map`, every view, resampled bilinearly to the
@@ -34,7 +38,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ConceptMatch", "concept_matches", "ground_truth_of", "has_ground_truth", "summarize"]
 
-IOU_METHOD = "hard IoU: heat map >= threshold * its maximum, against the concept mask"
+IOU_METHOD = ("hard IoU: heat map >= threshold * its maximum, against the concept mask; best-matching feature: "
+              "most top-K images holding the concept, then the highest IoU among those tied")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ class ConceptMatch:
     iou_images: int
     base_rate: float
     """Share of the images that hold the concept: the precision of a random feature."""
+    tied: int = 1
+    """Features whose top-K held the concept as often as this one's (the IoU chose among them)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +81,7 @@ def concept_matches(
     info: PatchInfo | None = None,
     image_ids: Sequence[int] | None = None,
     threshold: float = 0.5,
+    max_candidates: int = 256,
 ) -> list[ConceptMatch]:
     """Match every concept of the image set to its best feature (see the module's docstring).
 
@@ -87,16 +95,28 @@ def concept_matches(
     counts: Counter[str] = Counter()
     for i in ids:
         counts.update(set(concepts_of[i]))
-    best: dict[str, tuple[int, int]] = {}  # concept -> (hits, feature)
+    best: dict[str, tuple[int, list[int]]] = {}  # concept -> (hits, the features with that many)
     for rec in records:
         hits: Counter[str] = Counter()
         for img in rec.top_images:
             hits.update(set(concepts_of[img]))
         for c, h in hits.items():
             cur = best.get(c)
-            if cur is None or h > cur[0] or (h == cur[0] and rec.feature < cur[1]):
-                best[c] = (h, rec.feature)
+            if cur is None or h > cur[0]:
+                best[c] = (h, [rec.feature])
+            elif h == cur[0]:
+                cur[1].append(rec.feature)
     by_id = {rec.feature: rec for rec in records}
+    can_iou = tokens_of is not None and mask_of is not None and info is not None
+
+    def iou_of(c: str, f: int) -> tuple[float | None, int]:
+        ious = []
+        for img in by_id[f].top_images:
+            if c in concepts_of[img]:
+                mask = np.asarray(mask_of(img, c), dtype=bool)
+                ious.append(_iou(activation_map(tokens_of(f, img), mask.shape, info), mask, threshold))
+        return (float(np.mean(ious)), len(ious)) if ious else (None, 0)
+
     out = []
     for c in sorted(counts):
         kind = c.split(":", 1)[0]
@@ -104,19 +124,13 @@ def concept_matches(
         if c not in best:
             out.append(ConceptMatch(c, kind, None, 0, top_k, 0.0, None, 0, base))
             continue
-        h, f = best[c]
-        iou, n_iou = None, 0
-        if tokens_of is not None and mask_of is not None and info is not None:
-            ious = []
-            for img in by_id[f].top_images:
-                if c not in concepts_of[img]:
-                    continue
-                mask = np.asarray(mask_of(img, c), dtype=bool)
-                heat = activation_map(tokens_of(f, img), mask.shape, info)
-                ious.append(_iou(heat, mask, threshold))
-            if ious:
-                iou, n_iou = float(np.mean(ious)), len(ious)
-        out.append(ConceptMatch(c, kind, f, h, top_k, h / top_k, iou, n_iou, base))
+        h, tied = best[c]
+        tied = sorted(tied)
+        f, (iou, n_iou) = tied[0], (None, 0)
+        if can_iou:
+            scored = [(iou_of(c, g), g) for g in tied[:max_candidates]]
+            (iou, n_iou), f = max(scored, key=lambda s: (-1.0 if s[0][0] is None else s[0][0], -s[1]))
+        out.append(ConceptMatch(c, kind, f, h, top_k, h / top_k, iou, n_iou, base, len(tied)))
     return out
 
 
