@@ -227,6 +227,37 @@ def test_quantile_and_negative_samples_are_as_specified(setup, mined):
     assert some_quantiles > LATENTS // 2 and some_negatives > LATENTS // 2
 
 
+@pytest.mark.parametrize("n_quantiles,per_q,pool", [(1, 1, 1), (3, 1, 2), (5, 2, 3), (2, 3, 1)])
+def test_quantile_buckets_follow_their_definition_over_the_pool(n_quantiles, per_q, pool):
+    # the definition, one feature at a time: pool entries that are not top images, ordered by (score, image,
+    # key), cut into equal-count buckets; per bucket the per_q lowest keys. Small integer keys and scores make
+    # ties and empty buckets common.
+    def by_definition(keys, images, scores, top):
+        entries = sorted((s, i, k) for k, i, s in zip(keys, images, scores, strict=True)
+                         if k < mine._NO_KEY and i not in top)
+        n, out = len(entries), []
+        for q in range(n_quantiles):
+            bucket = entries[q * n // n_quantiles: (q + 1) * n // n_quantiles]
+            out += [(i, s, q) for s, i, _ in sorted(bucket, key=lambda e: e[2])[:per_q]]
+        return out
+
+    g = torch.Generator().manual_seed(n_quantiles * 100 + per_q * 10 + pool)
+    for _ in range(20):
+        m = mine.Miner(16, top_k=3, n_quantiles=n_quantiles, quantile_examples=per_q, quantile_pool=pool, n_random=0)
+        shape = m.res_key.shape
+        m.res_key = torch.randint(0, 40, shape, generator=g)
+        m.res_key[torch.rand(shape, generator=g) < 0.3] = mine._NO_KEY
+        m.res_image = torch.where(m.res_key == mine._NO_KEY, -1, torch.randint(0, 12, shape, generator=g))
+        m.res_score = torch.randint(0, 4, shape, generator=g).float()
+        m.top_image = torch.randint(-1, 12, (16, 3), generator=g)
+        image, score, quantile = (t.tolist() for t in m._quantile_table())
+        for p in range(16):
+            want = by_definition(m.res_key[p].tolist(), m.res_image[p].tolist(), m.res_score[p].tolist(),
+                                 {i for i in m.top_image[p].tolist() if i >= 0})
+            got = [(i, s, q) for i, s, q in zip(image[p], score[p], quantile[p], strict=True) if i >= 0]
+            assert got == want
+
+
 def test_samples_do_not_depend_on_how_images_fall_into_shards_but_on_the_seed(setup, tmp_path):
     other = make_shards(str(tmp_path / "acts-other"), n_images=90, images_per_shard=31)
     a = mine.run(cfg_for(tmp_path / "a", setup["shards"], setup["sae"], batch_rows=100))

@@ -53,8 +53,10 @@ log = logging.getLogger(__name__)
 STEP = "mine"
 MAP_COLUMNS = ("view", "row", "col", "token_pos")
 """Index columns of a shard that the maps keep (besides feature, image_idx and act)."""
-_STORE = ("pair", "cell", "token_pos", "act")
-"""Columns of the miner's map store: pair = feature position << 32 | image, cell = view, row, col packed."""
+_STORE = ("pidx", "cell", "token_pos", "act")
+"""Row columns of the miner's map store. Each store entry also holds ``upair``: its distinct pairs (feature
+position << 32 | image); a row's ``pidx`` points into them and ``cell`` packs its view, row and col. Membership
+and ordering are decided per pair, not per row (a pair has tens of rows)."""
 PURGE_GROWTH = 3
 """The map store is purged of pairs no longer held once it has grown this many times since the last purge."""
 _NO_KEY = 1 << 62
@@ -419,12 +421,15 @@ class Miner:
         """Store the active tokens of the (feature, image) pairs of this batch that the samples now hold."""
         if kept.numel() == 0:
             return
-        held = torch.zeros(self.F * len(images), dtype=torch.bool, device=self.device)
-        held[kept] = True
-        sel = held[flat].nonzero().squeeze(1)  # once: every boolean-mask index would search the mask again
+        G = len(images)
+        ukeys = torch.unique(kept)  # the held pairs' flat keys (a pair may enter the top and the pool)
+        slot = torch.full((self.F * G,), -1, dtype=torch.int32, device=self.device)
+        slot[ukeys] = torch.arange(len(ukeys), dtype=torch.int32, device=self.device)
+        pidx = slot[flat]
+        sel = (pidx >= 0).nonzero().squeeze(1)  # once: every boolean-mask index would search the mask again
         rows_kept = er[sel].cpu()
-        entry = {"pair": (f[sel] << 32 | images[g[sel]]).cpu(), "cell": _pack_cell(cols, rows_kept),
-                 "token_pos": cols["token_pos"][rows_kept], "act": v[sel].cpu()}
+        entry = {"upair": ((ukeys // G) << 32 | images[ukeys % G]).cpu(), "pidx": pidx[sel].cpu(),
+                 "cell": _pack_cell(cols, rows_kept), "token_pos": cols["token_pos"][rows_kept], "act": v[sel].cpu()}
         self.store.append(entry)
         self.stored_rows += int(rows_kept.numel())
         if self.stored_rows > PURGE_GROWTH * self._rows_after_purge + self.purge_slack:
@@ -443,18 +448,31 @@ class Miner:
         return torch.cat(keys).cpu()
 
     def _stored(self) -> dict[str, torch.Tensor]:
+        """The store as one entry (``pidx`` offset into the concatenated ``upair``)."""
         if not self.store:
-            return {"pair": torch.zeros(0, dtype=torch.int64), "cell": torch.zeros(0, dtype=torch.int64),
-                    "token_pos": torch.zeros(0, dtype=torch.int32), "act": torch.zeros(0)}
+            return {"upair": torch.zeros(0, dtype=torch.int64), "pidx": torch.zeros(0, dtype=torch.int32),
+                    "cell": torch.zeros(0, dtype=torch.int64), "token_pos": torch.zeros(0, dtype=torch.int32),
+                    "act": torch.zeros(0)}
         if len(self.store) == 1:
             return self.store[0]
-        return {c: torch.cat([s[c] for s in self.store]) for c in _STORE}
+        offsets = np.cumsum([0] + [len(e["upair"]) for e in self.store[:-1]]).tolist()
+        out = {c: torch.cat([e[c] for e in self.store]) for c in _STORE if c != "pidx"}
+        out["upair"] = torch.cat([e["upair"] for e in self.store])
+        out["pidx"] = torch.cat([e["pidx"] + off for e, off in zip(self.store, offsets, strict=True)])
+        return out
+
+    def _held_rows(self, quantile_images: torch.Tensor | None = None):
+        """The store as one entry, which of its pairs are held, and the rows of those pairs."""
+        cols = self._stored()
+        ok = _member(cols["upair"], self._held_keys(quantile_images))
+        return cols, ok, ok[cols["pidx"]].nonzero().squeeze(1)
 
     def purge(self, quantile_images: torch.Tensor | None = None) -> None:
         """Drop the stored tokens of pairs no longer held."""
-        cols = self._stored()
-        keep = _member(cols["pair"], self._held_keys(quantile_images)).nonzero().squeeze(1)
-        self.store = [{c: v[keep] for c, v in cols.items()}]
+        cols, ok, keep = self._held_rows(quantile_images)
+        renumber = torch.cumsum(ok, 0, dtype=torch.int32) - 1
+        entry = {c: cols[c][keep] for c in _STORE if c != "pidx"}
+        self.store = [{**entry, "upair": cols["upair"][ok], "pidx": renumber[cols["pidx"][keep]]}]
         self.stored_rows = self._rows_after_purge = int(keep.numel())
 
     def state_bytes(self) -> int:
@@ -474,18 +492,18 @@ class Miner:
 
     def _finish(self) -> MineResult:
         top_s, top_i = self.top_score.tolist(), self.top_image.tolist()
-        res_k, res_i, res_s = self.res_key.tolist(), self.res_image.tolist(), self.res_score.tolist()
+        q_image, q_score, q_bucket = self._quantile_table()
         negatives = self._negatives()
         tok, imgs = self.token_count.tolist(), self.image_count.tolist()
         s_sum, s_max = self.act_sum.tolist(), self.act_max.tolist()
         ids = self.ids.tolist()
         width = max(1, self.Q * self.per_q)
-        quant_rows: list[list[int]] = []
+        qi, qs, qb = q_image.tolist(), q_score.tolist(), q_bucket.tolist()
         records = []
         for p in range(self.F):
             top = [{"image_idx": i, "score": s} for i, s in zip(top_i[p], top_s[p], strict=True) if i >= 0]
-            quantiles = self._quantiles(res_k[p], res_i[p], res_s[p], {t["image_idx"] for t in top})
-            quant_rows.append([q["image_idx"] for q in quantiles] + [-1] * (width - len(quantiles)))
+            quantiles = [{"image_idx": i, "score": s, "quantile": q}
+                         for i, s, q in zip(qi[p], qs[p], qb[p], strict=True) if i >= 0]
             n_tok = tok[p]
             records.append(E.FeatureRecord(
                 feature=ids[p],
@@ -495,13 +513,15 @@ class Miner:
                 mean_activation=s_sum[p] / n_tok if n_tok else 0.0,
                 top=top, quantiles=quantiles, negatives=negatives[p],
             ))
-        cols = self._stored()
-        held = self._held_keys(torch.tensor(quant_rows, dtype=torch.int64, device=self.device).reshape(self.F, width))
-        keep = _member(cols["pair"], held).nonzero().squeeze(1)
-        # by feature, image, token position: a stable sort by position, then by (feature, image)
-        order = keep[torch.sort(cols["token_pos"][keep], stable=True).indices]
-        order = order[torch.sort(cols["pair"][order], stable=True).indices]
-        pair = cols["pair"][order]
+        quant_rows = q_image if self.Q else torch.full((self.F, width), -1, dtype=torch.int64)
+        cols, ok, keep = self._held_rows(quant_rows.to(self.device))
+        # by feature, image, token position: the held pairs' rank in (feature, image) order, then the position
+        held_pairs = ok.nonzero().squeeze(1)
+        rank = torch.full((len(ok),), -1, dtype=torch.int64)
+        rank[held_pairs[torch.argsort(cols["upair"][held_pairs])]] = torch.arange(len(held_pairs))
+        pidx = cols["pidx"][keep]
+        order = keep[torch.sort(rank[pidx] << 32 | cols["token_pos"][keep].to(torch.int64), stable=True).indices]
+        pair = cols["upair"][cols["pidx"][order]]
         view, row, col = _unpack_cell(cols["cell"][order])
         maps = {"feature": self.ids[pair >> 32], "image_idx": pair & 0xFFFFFFFF, "view": view, "row": row,
                 "col": col, "token_pos": cols["token_pos"][order], "act": cols["act"][order]}
@@ -519,20 +539,47 @@ class Miner:
         images = self.pool_image.tolist()
         return [[images[j] for j in row] for row in _row_indices(take)]
 
-    def _quantiles(self, keys: list[int], images: list[int], scores: list[float],
-                   top: set[int]) -> list[dict[str, Any]]:
-        """From the pool (a uniform sample of activating images), drop the top images, cut the rest by score
-        into Q equal-count buckets and take the ``per_q`` images with the lowest hash keys of each."""
-        if self.Q == 0:
-            return []
-        pool = sorted((s, i, k) for k, i, s in zip(keys, images, scores, strict=True) if k < _NO_KEY and i not in top)
-        n = len(pool)
-        out = []
-        for q in range(self.Q):
-            bucket = pool[q * n // self.Q : (q + 1) * n // self.Q]
-            for s, i, _ in sorted(bucket, key=lambda e: e[2])[: self.per_q]:
-                out.append({"image_idx": i, "score": s, "quantile": q})
-        return out
+    def _quantile_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per feature, the quantile examples, as ``[F, Q * per_q]`` image, score and quantile (image -1: none).
+
+        From the pool (a uniform sample of activating images), drop the top images, order the rest by (score,
+        image, key), cut them into Q equal-count buckets (bucket q holds positions ``q*n//Q .. (q+1)*n//Q``)
+        and take the ``per_q`` images with the lowest hash keys of each, in (quantile, key) order.
+        """
+        F, R, Q, width = self.F, self.R, self.Q, self.Q * self.per_q
+        if Q == 0:
+            empty = torch.zeros((F, 0))
+            return empty.long(), empty, empty.long()
+        key, img, score = self.res_key.cpu(), self.res_image.cpu(), self.res_score.cpu()
+        top = self.top_image.cpu()
+        valid = (key < _NO_KEY) & ~(img[:, :, None] == top[:, None, :]).any(-1)
+
+        def by(order: torch.Tensor, values: torch.Tensor) -> torch.Tensor:  # stable re-sort of an order by values
+            return order.gather(1, torch.argsort(values.gather(1, order), dim=1, stable=True))
+
+        order = torch.argsort(key, dim=1, stable=True)
+        order = by(order, img)
+        order = by(order, torch.where(valid, score, math.inf))  # invalid entries last
+        n = valid.sum(1, keepdim=True)
+        j = torch.arange(R)[None, :]
+        bounds = torch.arange(Q)[None, :] * n // Q  # [F, Q]: first position of each bucket
+        bucket = torch.where(j < n, (bounds[:, None, :] <= j[:, :, None]).sum(-1) - 1, Q)  # [F, R], Q: none
+        # within a bucket, by key: re-sort the positions by key, then (stably) by bucket
+        k_at = key.gather(1, order)
+        pos = torch.argsort(k_at, dim=1, stable=True)
+        pos = pos.gather(1, torch.argsort(bucket.gather(1, pos), dim=1, stable=True))
+        b = bucket.gather(1, pos)
+        rank = j - torch.searchsorted(b.contiguous(), b.contiguous())  # rank within the bucket
+        take = (b < Q) & (rank < self.per_q)
+        slot = torch.where(take, torch.cumsum(take, 1) - 1, width)  # packed to the left, in (bucket, key) order
+        src = order.gather(1, pos)
+        out_img = torch.full((F, width + 1), -1, dtype=torch.int64)
+        out_score = torch.zeros((F, width + 1))
+        out_q = torch.zeros((F, width + 1), dtype=torch.int64)
+        out_img.scatter_(1, slot, torch.where(take, img.gather(1, src), -1))
+        out_score.scatter_(1, slot, score.gather(1, src))
+        out_q.scatter_(1, slot, b)
+        return out_img[:, :width], out_score[:, :width], out_q[:, :width]
 
 
 @contextlib.contextmanager
