@@ -165,6 +165,42 @@ def test_frequencies_and_activation_stats_match_a_brute_force_count(setup, mined
     assert te.extra["figures"]["tokens"] == n_tok and te.extra["figures"]["images"] == n_img
 
 
+def test_label_counts_match_a_brute_force_count_and_pick_the_best_f1_detector(setup, single_thread):
+    from mmsae import groundtruth as GT
+    from mmsae.sae.checkpoint import load_sae
+
+    bf = brute_force(setup["shards"], setup["sae_dir"])
+    n = max(bf["images"]) + 1
+    g = torch.Generator().manual_seed(3)
+    concepts = [[c for c in ("a:x", "a:y", "b:z") if torch.rand(1, generator=g) < 0.4] for _ in range(n)]
+    names, labels = GT.concept_labels(concepts)
+    assert names == sorted({c for cs in concepts for c in cs})
+    assert all(bool(labels[i, names.index(c)]) == (c in concepts[i]) for i in range(n) for c in names)
+    sae = load_sae(setup["sae_dir"])
+    miner = mine.Miner(LATENTS, top_k=2, n_quantiles=0, n_random=0, image_labels=labels, max_block=LATENTS * 4)
+    with torch.inference_mode():
+        for cols in A.ActivationShards(setup["shards"]).iter_shards():
+            keep = A.token_mask(cols, "image")
+            miner.add_shard({c: v[keep] for c, v in cols.items()},
+                                  lambda x: tuple(sae.encode(x)[:2]), 60)
+    extra = miner.finish().extra
+    fires = bf["scores"] > 0  # [features, images]
+    lab = labels[bf["images"]].long()  # [images, concepts]
+    assert torch.equal(extra["label_hits"], (fires.long() @ lab))
+    assert torch.equal(extra["label_images"], lab.sum(0))
+    assert torch.equal(extra["image_count"], fires.sum(1))
+    det = GT.best_detectors(extra["label_hits"], extra["image_count"], extra["label_images"], names,
+                            list(range(LATENTS)))
+    for j, c in enumerate(names):
+        f1 = 2 * (fires.long() @ lab)[:, j].double() / (fires.sum(1) + lab[:, j].sum()).double()
+        assert det[c].f1 == pytest.approx(float(f1.max()))
+        assert det[c].feature == int(f1.argmax())
+    with pytest.raises(mine.MineError, match="no labels"):
+        mine.Miner(LATENTS, image_labels=labels[:1]).add(torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long), {
+            "image_idx": torch.tensor([5]), "view": torch.zeros(1), "row": torch.zeros(1), "col": torch.zeros(1),
+            "token_pos": torch.zeros(1, dtype=torch.int32)})
+
+
 def test_the_last_feature_is_mined(setup, mined):
     te, _ = mined
     last = te.feature(LATENTS - 1)
@@ -470,6 +506,11 @@ def test_heatmaps_and_ground_truth_end_to_end(toy, tmp_path):
     assert 0 <= out.figures["gt_topk_precision"] <= 1 and 0 <= out.figures["gt_iou"] <= 1
     assert {c["kind"] for c in gt["concepts"]} >= {"color", "texture", "size"}
     assert out.figures["gt_concepts"] == sum(c["kind"] in ("color", "texture") for c in gt["concepts"])
+    # every concept also has its best detector over all images, with an F1 from its precision and recall
+    for c in gt["concepts"]:
+        p, r = c["f1_precision"], c["f1_recall"]
+        assert c["f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
+    assert out.figures["gt_f1"] > out.figures["gt_f1_always_fires"]
     storage.verify_artifact(out.uri, kind="top_examples")
 
 

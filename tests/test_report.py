@@ -382,7 +382,8 @@ def test_report_folder_is_a_sealed_artifact(run_cfg):
 
 
 def test_ground_truth_of_planted_concepts_is_shown_with_links(tmp_path, run_cfg):
-    gt = {"matches": [{"concept": "color:red", "kind": "color", "feature": 12, "precision": 0.9, "iou": 0.61},
+    gt = {"matches": [{"concept": "color:red", "kind": "color", "feature": 12, "precision": 0.9, "iou": 0.61,
+                       "f1_feature": 7, "f1": 0.8},
                       {"concept": "texture:<b>striped</b>", "kind": "texture", "feature": None, "precision": 0.0,
                        "iou": None}],
           "figures": {"gt_topk_precision": 0.45}}
@@ -390,7 +391,8 @@ def test_ground_truth_of_planted_concepts_is_shown_with_links(tmp_path, run_cfg)
     doc, html, _ = render(run_cfg, top_examples=uri)
     tables = {t.attrs["data-table"]: t for t in doc.find("section", id="ground-truth").find_all("table")}
     rows = tables["matches"].find("tbody").find_all("tr")
-    assert rows[0].find("a").attrs["href"] == "#f-000012" and "color:red" in rows[0].text()
+    assert [a.attrs["href"] for a in rows[0].find_all("a")] == ["#f-000012", "#f-000007"]
+    assert "color:red" in rows[0].text()
     assert "texture:<b>striped</b>" in rows[1].text() and "<b>striped" not in html
     assert "0.45" in tables["figures"].text()
     doc, _, _ = render(run_cfg)  # no ground truth in the artifact: no section

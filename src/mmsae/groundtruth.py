@@ -16,6 +16,14 @@ the concept: the heat map (:func:`mmsae.heatmaps.activation_map`, every view, re
 image's size) cut at ``threshold`` times its own maximum, against the concept's mask. The random baseline
 of the precision is the concept's base rate: the share of images that hold it.
 
+Top-K precision saturates (many features fill their top-K with images that hold a concept), so each
+concept is also matched over **all** mined images: a feature "detects" a concept on an image when it fires
+on any of the image's tokens; the match is the feature with the best **F1** of that detection against
+the concept's presence (precision = share of the feature's images that hold the concept, recall = share of
+the concept's images the feature fires on). A colour-and-texture conjunction feature has a texture recall
+of about one over the number of colours, so F1 tells whether a pure concept feature exists. Its baseline
+is the F1 of a detector that always fires, 2p / (1 + p) for a concept with base rate p.
+
 Only the concept kinds asked for count in the averages (colours and textures by default: shapes are not
 learnt by the toy LMM, so no figure depends on them).
 """
@@ -25,10 +33,11 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
+import torch
 
 from mmsae.examples import FeatureRecord
 from mmsae.heatmaps import activation_map
@@ -36,7 +45,8 @@ from mmsae.models.geometry import PatchInfo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConceptMatch", "concept_matches", "ground_truth_of", "has_ground_truth", "summarize"]
+__all__ = ["ConceptMatch", "Detection", "best_detectors", "concept_labels", "concept_matches", "ground_truth_of",
+           "has_ground_truth", "summarize"]
 
 IOU_METHOD = ("hard IoU: heat map >= threshold * its maximum, against the concept mask; best-matching feature: "
               "most top-K images holding the concept, then the highest IoU among those tied")
@@ -61,9 +71,58 @@ class ConceptMatch:
     """Share of the images that hold the concept: the precision of a random feature."""
     tied: int = 1
     """Features whose top-K held the concept as often as this one's (the IoU chose among them)."""
+    f1_feature: int | None = None
+    """The feature whose firing over all mined images detects the concept best (None: not counted)."""
+    f1: float | None = None
+    f1_precision: float | None = None
+    f1_recall: float | None = None
+    f1_iou: float | None = None
+    """IoU of the detector feature's maps with the concept's mask, over its top images that hold it."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The feature whose firing best detects a concept over all mined images."""
+
+    feature: int
+    f1: float
+    precision: float
+    recall: float
+
+
+def concept_labels(concepts_of: Sequence[Sequence[str]]) -> tuple[list[str], torch.Tensor]:
+    """The sorted concept names and a bool ``[images, concepts]`` matrix of which image holds which."""
+    names = sorted({c for cs in concepts_of for c in cs})
+    col = {c: j for j, c in enumerate(names)}
+    labels = torch.zeros((len(concepts_of), len(names)), dtype=torch.bool)
+    rows = [(i, col[c]) for i, cs in enumerate(concepts_of) for c in cs]
+    if rows:
+        labels[torch.tensor(rows).T.unbind()] = True
+    return names, labels
+
+
+def best_detectors(label_hits: torch.Tensor, image_count: torch.Tensor, label_images: torch.Tensor,
+                   names: Sequence[str], feature_ids: Sequence[int]) -> dict[str, Detection]:
+    """Per concept, the feature of the best F1 (ties: the first in ``feature_ids``).
+
+    ``label_hits[f, c]``: images holding concept c on which feature position f fires; ``image_count[f]``: the
+    images it fires on; ``label_images[c]``: the images holding c (all over the same mined images).
+    """
+    hits = label_hits.double()
+    denom = image_count.double()[:, None] + label_images.double()[None, :]
+    f1 = torch.where(denom > 0, 2 * hits / denom.clamp(min=1), 0.0)
+    out = {}
+    for j, c in enumerate(names):
+        if int(label_images[j]) == 0:
+            continue
+        p = int(f1[:, j].argmax())
+        h = float(hits[p, j])
+        out[c] = Detection(int(feature_ids[p]), float(f1[p, j]),
+                           h / float(image_count[p]) if int(image_count[p]) else 0.0, h / float(label_images[j]))
+    return out
 
 
 def has_ground_truth(ds) -> bool:
@@ -82,12 +141,14 @@ def concept_matches(
     image_ids: Sequence[int] | None = None,
     threshold: float = 0.5,
     max_candidates: int = 256,
+    detectors: Mapping[str, Detection] | None = None,
 ) -> list[ConceptMatch]:
     """Match every concept of the image set to its best feature (see the module's docstring).
 
     ``concepts_of[i]``: the concepts of image row ``i``. ``image_ids``: the images the features were mined
     on (the base rate's population; default every row). ``tokens_of(feature, image)``, ``mask_of(image,
-    concept)`` and ``info`` are needed for the IoU; without them it is None.
+    concept)`` and ``info`` are needed for the IoU; without them it is None. ``detectors`` (from
+    :func:`best_detectors`) fills the F1 fields.
     """
     ids = list(range(len(concepts_of))) if image_ids is None else [int(i) for i in image_ids]
     if not ids:
@@ -122,7 +183,7 @@ def concept_matches(
         kind = c.split(":", 1)[0]
         base = counts[c] / len(ids)
         if c not in best:
-            out.append(ConceptMatch(c, kind, None, 0, top_k, 0.0, None, 0, base))
+            out.append(ConceptMatch(c, kind, None, 0, top_k, 0.0, None, 0, base, 0))
             continue
         h, tied = best[c]
         tied = sorted(tied)
@@ -131,6 +192,10 @@ def concept_matches(
             scored = [(iou_of(c, g), g) for g in tied[:max_candidates]]
             (iou, n_iou), f = max(scored, key=lambda s: (-1.0 if s[0][0] is None else s[0][0], -s[1]))
         out.append(ConceptMatch(c, kind, f, h, top_k, h / top_k, iou, n_iou, base, len(tied)))
+    if detectors:
+        out = [replace(m, f1_feature=d.feature, f1=d.f1, f1_precision=d.precision, f1_recall=d.recall,
+                       f1_iou=iou_of(m.concept, d.feature)[0] if can_iou and d.feature in by_id else None)
+               if (d := detectors.get(m.concept)) is not None else m for m in out]
     return out
 
 
@@ -158,6 +223,14 @@ def summarize(matches: Sequence[ConceptMatch], kinds: Sequence[str]) -> dict[str
     }
     if ious:
         figures["gt_iou"] = float(np.mean(ious))
+    detected = [m for m in counted if m.f1 is not None]
+    if detected:
+        figures["gt_f1"] = float(np.mean([m.f1 for m in detected]))
+        figures["gt_f1_always_fires"] = float(np.mean([2 * m.base_rate / (1 + m.base_rate) for m in detected]))
+        figures["gt_f1_features_distinct"] = len({m.f1_feature for m in detected})
+        f1_ious = [m.f1_iou for m in detected if m.f1_iou is not None]
+        if f1_ious:
+            figures["gt_f1_iou"] = float(np.mean(f1_ious))
     for kind in kinds:
         sub = [m for m in counted if m.kind == kind]
         if sub:
@@ -165,6 +238,13 @@ def summarize(matches: Sequence[ConceptMatch], kinds: Sequence[str]) -> dict[str
             sub_iou = [m.iou for m in sub if m.iou is not None]
             if sub_iou:
                 figures[f"gt_iou_{kind}"] = float(np.mean(sub_iou))
+            sub_f1 = [m.f1 for m in sub if m.f1 is not None]
+            if sub_f1:
+                figures[f"gt_f1_{kind}"] = float(np.mean(sub_f1))
+                figures[f"gt_f1_recall_{kind}"] = float(np.mean([m.f1_recall for m in sub if m.f1 is not None]))
+                sub_f1_iou = [m.f1_iou for m in sub if m.f1_iou is not None]
+                if sub_f1_iou:
+                    figures[f"gt_f1_iou_{kind}"] = float(np.mean(sub_f1_iou))
     return figures
 
 

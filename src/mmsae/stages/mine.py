@@ -220,7 +220,8 @@ class Miner:
     def __init__(self, num_latents: int, features: Sequence[int] | None = None, *, top_k: int = 10,
                  score: str = "max", n_quantiles: int = 5, quantile_examples: int = 1, quantile_pool: int = 2,
                  n_random: int = 5, negative_pool: int | None = None, seed: int = 0,
-                 device: torch.device | str = "cpu", max_block: int = 2**22, purge_slack: int = 1 << 16):
+                 device: torch.device | str = "cpu", max_block: int = 2**22, purge_slack: int = 1 << 16,
+                 image_labels: torch.Tensor | None = None):
         if score not in ("max", "mean"):
             raise ValueError(f"score {score!r}: expected 'max' or 'mean'")
         self.device = torch.device(device)
@@ -262,6 +263,11 @@ class Miner:
         self.image_count = torch.zeros(F, dtype=torch.int64, device=dev)
         self.act_sum = torch.zeros(F, dtype=torch.float64, device=dev)
         self.act_max = torch.zeros(F, device=dev)
+        # optional image labels (bool [images, C], by image_idx): per feature, the images of each label it fires on
+        self.image_labels = None if image_labels is None else image_labels.to(dev, torch.bool)
+        C = 0 if image_labels is None else int(image_labels.shape[1])
+        self.label_hits = torch.zeros((F, C), dtype=torch.int64, device=dev)
+        self.label_images = torch.zeros(C, dtype=torch.int64, device=dev)
         salt = (int(seed) % 2**31 + 1) * 0x632BE59BD9B4E019 % 2**62
         self._image_salt = salt
         self.fhash = _mix(ids.to(dev) * 2 + 1 + salt)
@@ -345,6 +351,8 @@ class Miner:
         if self.score == "mean":
             score /= torch.bincount(local, minlength=G)[pg]
         self.image_count += torch.bincount(pf, minlength=F)
+        if self.image_labels is not None:
+            self._count_labels(images, pf, pg)
         ikeys = self.image_keys(images)
         kept = [self._merge_top(pf, pg, score, images)]
         if self.R:
@@ -353,6 +361,14 @@ class Miner:
             self._merge_negative_pool(pf, pg, images, ikeys)
         self._keep_maps(torch.cat(kept), flat, er, f, v, images, g, cols)
         self.peak_state_bytes = max(self.peak_state_bytes, self.state_bytes())
+
+    def _count_labels(self, images: torch.Tensor, pf: torch.Tensor, pg: torch.Tensor) -> None:
+        n = self.image_labels.shape[0]
+        if int(images[-1]) >= n:  # images are sorted
+            raise MineError(f"image {int(images[-1])} has no labels: the image set's labels cover {n} images")
+        lab = self.image_labels[images]  # [G, C]
+        self.label_images += lab.sum(0)
+        self.label_hits.index_add_(0, pf, lab[pg].to(torch.int64))
 
     @staticmethod
     def _rows(pf: torch.Tensor, pg: torch.Tensor, cand: torch.Tensor, G: int, fill, *values: torch.Tensor):
@@ -479,7 +495,8 @@ class Miner:
         """Bytes held by the running state (samples, statistics and stored maps)."""
         fixed = sum(t.numel() * t.element_size() for t in (
             self.top_score, self.top_image, self.res_key, self.res_image, self.res_score, self.pool_key,
-            self.pool_image, self.pool_fired, self.token_count, self.image_count, self.act_sum, self.act_max))
+            self.pool_image, self.pool_fired, self.token_count, self.image_count, self.act_sum, self.act_max,
+            self.label_hits))
         return fixed + sum(t.numel() * t.element_size() for s in self.store for t in s.values())
 
     # -- results ----------------------------------------------------------------------------------------
@@ -527,7 +544,11 @@ class Miner:
                 "col": col, "token_pos": cols["token_pos"][order], "act": cols["act"][order]}
         maps = {c: maps[c].to(E.MAP_DTYPES[c]) for c in E.MAP_DTYPES}
         self.store = []
-        return MineResult(records, maps, self.tokens, self.images, self.peak_state_bytes)
+        extra = {}
+        if self.image_labels is not None:
+            extra = {"label_hits": self.label_hits.cpu(), "label_images": self.label_images.cpu(),
+                     "image_count": self.image_count.cpu()}
+        return MineResult(records, maps, self.tokens, self.images, self.peak_state_bytes, extra)
 
     def _negatives(self) -> list[list[int]]:
         """Per feature, the first ``n_random`` pool images (in hash order) on which it never fired."""
@@ -720,9 +741,36 @@ def _mine(m: MineConfig, tr) -> dict[str, Any]:
         raise MineError(f"the SAE at {sae_path} takes inputs of width {sae.d_in}, but the activations at "
                         f"{m.shards} have width {shards.d}")
     sizes = _shard_images(shards)
+    image_set = shards.manifest.inputs.get("image_set", "")
+    split = (shards.manifest.config or {}).get("cache", {}).get("split")
+    model = shards.manifest.inputs.get("model", "")
+    family = str(shards.manifest.extra.get("family", ""))
+    need_images = m.heatmaps != "none"
+    ds = info = None
+    if need_images or image_set:
+        if not image_set:
+            raise MineError(f"the shards at {m.shards} name no image set, which heat maps need; "
+                            "set mine.heatmaps=none")
+        from mmsae.data.images import load_image_set
+
+        ds = load_image_set(image_set, split)
+        if model:
+            from mmsae.heatmaps import load_patch_info
+
+            info = load_patch_info(model, family or None)
+        elif need_images:
+            raise MineError(f"the shards at {m.shards} name no model, whose image geometry heat maps need; "
+                            "set mine.heatmaps=none")
+
+    labels, concept_names = None, []
+    if ds is not None:
+        from mmsae import groundtruth as GT
+
+        if GT.has_ground_truth(ds):
+            concept_names, labels = GT.concept_labels(ds["concepts"])
     miner = Miner(sae.num_latents, m.features or None, top_k=m.top_k, score=m.score, n_quantiles=m.n_quantiles,
                   quantile_examples=m.quantile_examples, quantile_pool=m.quantile_pool, n_random=m.n_random,
-                  seed=m.seed, device=device, max_block=m.max_block)
+                  seed=m.seed, device=device, max_block=m.max_block, image_labels=labels)
 
     def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = sae.encode(x.to(device, sae.dtype))
@@ -778,27 +826,6 @@ def _mine(m: MineConfig, tr) -> dict[str, Any]:
     if not m.features:  # every latent mined: the frequencies add up to the mean number active per token
         figures["mean_l0"] = float(sum(r.frequency for r in result.records))
 
-    image_set = shards.manifest.inputs.get("image_set", "")
-    split = (shards.manifest.config or {}).get("cache", {}).get("split")
-    model = shards.manifest.inputs.get("model", "")
-    family = str(shards.manifest.extra.get("family", ""))
-    need_images = m.heatmaps != "none"
-    ds = info = None
-    if need_images or image_set:
-        if not image_set:
-            raise MineError(f"the shards at {m.shards} name no image set, which heat maps need; "
-                            "set mine.heatmaps=none")
-        from mmsae.data.images import load_image_set
-
-        ds = load_image_set(image_set, split)
-        if model:
-            from mmsae.heatmaps import load_patch_info
-
-            info = load_patch_info(model, family or None)
-        elif need_images:
-            raise MineError(f"the shards at {m.shards} name no model, whose image geometry heat maps need; "
-                            "set mine.heatmaps=none")
-
     index = _pair_index(result.maps)
 
     def tokens_of(feature: int, image: int) -> dict[str, np.ndarray]:
@@ -811,19 +838,17 @@ def _mine(m: MineConfig, tr) -> dict[str, Any]:
         written = _render_heatmaps(which, ds, sizes, info, tokens_of, m, put)
         figures["heatmaps"] = written
 
-    gt_rows = None
-    if ds is not None:
-        from mmsae import groundtruth as GT
-
-        if GT.has_ground_truth(ds):
-            matches = GT.concept_matches(
-                result.records, ds["concepts"], top_k=m.top_k, tokens_of=tokens_of, mask_of=GT.mask_reader(ds),
-                info=info, image_ids=sorted(sizes), threshold=m.gt_iou_threshold)
-            gt_fig = GT.summarize(matches, m.gt_kinds)
-            figures.update(gt_fig)
-            gt_rows = {"kinds": list(m.gt_kinds), "threshold": m.gt_iou_threshold, "iou": GT.IOU_METHOD,
-                       "figures": gt_fig, "concepts": [x.to_json() for x in matches]}
-            put(E.GROUND_TRUTH_FILE, json.dumps(gt_rows, indent=2).encode())
+    if labels is not None:
+        detectors = GT.best_detectors(result.extra["label_hits"], result.extra["image_count"],
+                                      result.extra["label_images"], concept_names, miner.ids.tolist())
+        matches = GT.concept_matches(
+            result.records, ds["concepts"], top_k=m.top_k, tokens_of=tokens_of, mask_of=GT.mask_reader(ds),
+            info=info, image_ids=sorted(sizes), threshold=m.gt_iou_threshold, detectors=detectors)
+        gt_fig = GT.summarize(matches, m.gt_kinds)
+        figures.update(gt_fig)
+        gt_rows = {"kinds": list(m.gt_kinds), "threshold": m.gt_iou_threshold, "iou": GT.IOU_METHOD,
+                   "figures": gt_fig, "concepts": [x.to_json() for x in matches]}
+        put(E.GROUND_TRUTH_FILE, json.dumps(gt_rows, indent=2).encode())
 
     storage.write_manifest(
         m.out, E.KIND, files=files, config={"mine": m.model_dump(mode="json")},

@@ -435,7 +435,7 @@ def _ground_truth_view(examples, detailed_ids: set[int]) -> list[dict[str, Any]]
             for v in value:
                 cells = []
                 for c in cols:
-                    fid = _feature_id(v.get(c)) if c == "feature" else None
+                    fid = _feature_id(v.get(c)) if c == "feature" or c.endswith("_feature") else None
                     cells.append({"text": _fmt(v.get(c)), "link": _anchor(fid) if fid in detailed_ids else None})
                 rows.append(cells)
             tables.append({"name": str(name), "columns": [str(c) for c in cols], "rows": rows})
