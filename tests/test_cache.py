@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
+from datetime import timedelta
 from pathlib import Path
 
 import datasets
@@ -34,10 +39,22 @@ def _png(w: int, h: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def make_image_set(path: Path, sizes=SIZES, corrupt: tuple[int, ...] = ()) -> str:
+def _bomb_png(w: int = 40000, h: int = 40000) -> bytes:
+    """A PNG whose header claims ``w`` x ``h`` pixels: PIL refuses it with DecompressionBombError on open."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def make_image_set(path: Path, sizes=SIZES, corrupt: tuple[int, ...] = (), seed: int = 0,
+                   cells_at: dict[int, bytes] | None = None) -> str:
+    """Save an image set of random PNGs (``corrupt``: undecodable bytes; ``cells_at``: these bytes instead)."""
     cells = []
     for i, (w, h) in enumerate(sizes):
-        data = b"not an image at all" if i in corrupt else _png(w, h, i)
+        data = b"not an image at all" if i in corrupt else _png(w, h, i + 1000 * seed)
+        data = (cells_at or {}).get(i, data)
         cells.append({"bytes": data, "path": None})
     ds = datasets.Dataset.from_dict({"image": cells}, features=datasets.Features({"image": datasets.Image()}))
     ds.save_to_disk(str(path))
@@ -232,6 +249,166 @@ def test_progress_of_an_older_format_is_refused(tmp_path, world):
     storage.write_json(str(out / "progress-000.json"), old)
     with pytest.raises(cache.CacheError, match="progress format 1"):
         cache.run(cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs rewritten in place, world size, other artifacts, bad data
+
+
+def _rebuild_image_set(path: Path, **kw) -> str:
+    shutil.rmtree(path)
+    return make_image_set(path, **kw)
+
+
+def test_image_set_or_model_rewritten_in_place_is_cached_afresh(tmp_path, world, caplog):
+    """Same config, same URIs, other content (as the toy-world stage rebuilds them): the shards are remade."""
+    images = make_image_set(tmp_path / "imgs", sizes=SIZES[:4])
+    model = str(save_tiny("llava", tmp_path / "model", text_layers=3, seed=1))
+    out = tmp_path / "acts"
+    cfg = _cfg(out, images, model)
+    assert cache.run(cfg).figures["images"] == 4
+
+    _rebuild_image_set(tmp_path / "imgs", sizes=SIZES[:6], seed=1)
+    ref = tmp_path / "ref"
+    cache.run(_cfg(ref, images, model))
+    with caplog.at_level(logging.WARNING, logger="mmsae.stages.cache"):
+        assert cache.run(cfg).figures["images"] == 6
+    assert "image set" in caplog.text and "replacing them" in caplog.text
+    got, want = _files(out), _files(ref)
+    assert sorted(got) == sorted(want)
+    assert [n for n in want if n != "manifest.json" and got[n] != want[n]] == []
+
+    shutil.rmtree(tmp_path / "model")
+    save_tiny("llava", tmp_path / "model", text_layers=3, seed=2)  # same architecture, other weights
+    before = _all_rows(str(out), "layers.1")["acts"]
+    cache.run(cfg)
+    after = _all_rows(str(out), "layers.1")["acts"]
+    assert before.shape == after.shape and not torch.equal(before, after)
+    storage.verify_artifact(str(out), kind=A.KIND)
+
+
+def _crash_after_first_shard(monkeypatch, cfg) -> None:
+    """Run the cache stage until the progress after its second shard would be saved, then fail there."""
+    real_save = cache._save_progress
+
+    def save_then_crash(uri, rank, progress):
+        if progress["next_shard"] == 2:
+            raise _Crash
+        real_save(uri, rank, progress)
+
+    monkeypatch.setattr(cache, "_save_progress", save_then_crash)
+    with pytest.raises(_Crash):
+        cache.run(cfg)
+    monkeypatch.setattr(cache, "_save_progress", real_save)
+
+
+def test_partial_run_from_inputs_rewritten_since_restarts_from_scratch(tmp_path, world, monkeypatch, caplog):
+    model = world["models"]["llava_next"]
+    sizes = [SIZES[i % len(SIZES)] for i in range(10)]
+    images = make_image_set(tmp_path / "imgs", sizes=sizes)
+    out = tmp_path / "crashed"
+    _crash_after_first_shard(monkeypatch, _cfg(out, images, model, batch_size=2, shard_rows=50))
+    assert storage.read_json(str(out / "progress-000.json"))["next_shard"] == 1
+
+    _rebuild_image_set(tmp_path / "imgs", sizes=sizes, seed=7)  # same count and sizes, other pixels
+    ref = tmp_path / "ref"
+    cache.run(_cfg(ref, images, model, batch_size=2, shard_rows=50))
+    with caplog.at_level(logging.WARNING, logger="mmsae.stages.cache"):
+        cache.run(_cfg(out, images, model, batch_size=2, shard_rows=50))
+    got, want = _files(out), _files(ref)
+    assert sorted(got) == sorted(want)
+    assert [n for n in want if n != "manifest.json" and got[n] != want[n]] == []
+    assert "starts again from scratch" in caplog.text
+
+
+def test_resume_under_another_world_size_is_refused_naming_both(tmp_path, world, monkeypatch):
+    model = world["models"]["llava"]
+    images = make_image_set(tmp_path / "imgs", sizes=[SIZES[i % len(SIZES)] for i in range(8)])
+    out = tmp_path / "acts"
+    _crash_after_first_shard(monkeypatch, _cfg(out, images, model, batch_size=2, shard_rows=20))
+    progress = storage.read_json(str(out / "progress-000.json"))
+    assert (progress["world_size"], progress["lo"], progress["hi"]) == (1, 0, 8)
+
+    monkeypatch.setattr(cache, "_dist_env", lambda: (0, 2, 0))  # rank 0 of 2 would take images [0, 4)
+    with pytest.raises(cache.CacheError) as err:
+        cache.run(_cfg(out, images, model, batch_size=2, shard_rows=20))
+    msg = str(err.value)
+    assert str(out) in msg and "world size 1" in msg and "world size 2" in msg
+    assert "[0, 8)" in msg and "[0, 4)" in msg and "delete" in msg
+
+
+def test_process_group_gets_a_long_timeout(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert cache._dist_env() == (1, 2, 1)
+    assert calls and calls[0]["timeout"] == cache.DIST_TIMEOUT >= timedelta(hours=24)
+
+
+def test_out_holding_another_kind_of_artifact_is_refused(tmp_path, world):
+    out = tmp_path / "acts"
+    storage.write_bytes(str(out / "weights.bin"), b"precious")
+    storage.write_manifest(str(out), "sae")
+    with pytest.raises(cache.CacheError, match=rf"{out}.*'sae' artifact"):
+        cache.run(_cfg(out, world["images"], world["models"]["llava"]))
+    assert storage.read_manifest(str(out)).kind == "sae"
+    assert (out / "weights.bin").read_bytes() == b"precious"
+    odd = tmp_path / "odd"
+    storage.write_text(str(odd / "manifest.json"), '{"not": "an mmsae manifest"}')
+    with pytest.raises(cache.CacheError, match=rf"{odd} holds a manifest.json that cannot be read"):
+        cache.run(_cfg(odd, world["images"], world["models"]["llava"]))
+
+
+def test_decompression_bomb_is_skipped_not_fatal(tmp_path, world):
+    images = make_image_set(tmp_path / "imgs", sizes=SIZES[:4], cells_at={2: _bomb_png()})
+    out = tmp_path / "acts"
+    result = cache.run(_cfg(out, images, world["models"]["llava"]))
+    assert result.figures["images"] == 3 and result.figures["images_skipped"] == 1
+    (skip,) = storage.read_manifest(str(out), kind=A.KIND).extra["skipped"]
+    assert skip["image_idx"] == 2 and skip["error"].startswith("DecompressionBombError:")
+
+
+def test_manifest_records_each_hook_points_width(tmp_path, world):
+    out = tmp_path / "acts"
+    cache.run(_cfg(out, world["images"], world["models"]["llava"], layers=[0, "layers.1.mlp.up_proj"]))
+    lmm = load_lmm(world["models"]["llava"])
+    hidden, inner = lmm.config.text_config.hidden_size, lmm.config.text_config.intermediate_size
+    assert hidden != inner
+    extra = storage.read_manifest(str(out), kind=A.KIND).extra
+    assert extra["dims"] == {"layers.0": hidden, "layers.1.mlp.up_proj": inner}
+    assert extra["d"] == hidden
+    assert _all_rows(str(out), "layers.1.mlp.up_proj")["acts"].shape[1] == inner
+
+
+def test_rows_with_nan_or_inf_are_counted_per_shard_and_warned(tmp_path, world, monkeypatch, caplog):
+    real_forward = cache._forward
+    poisoned = {1: float("nan"), 5: float("inf")}
+
+    def forward(*args, **kw):
+        out = real_forward(*args, **kw)
+        for cols in out.values():
+            acts = cols["acts"].clone()  # an inference tensor: edit a copy
+            for i, value in poisoned.items():
+                rows = (cols["image_idx"] == i).nonzero().flatten()
+                acts[rows[:3], 0] = value  # three rows of each poisoned image
+            cols["acts"] = acts
+        return out
+
+    monkeypatch.setattr(cache, "_forward", forward)
+    out = tmp_path / "acts"
+    with caplog.at_level(logging.WARNING, logger="mmsae.stages.cache"):
+        cache.run(_cfg(out, world["images"], world["models"]["llava"], batch_size=2, shard_rows=40))
+    extra = storage.read_manifest(str(out), kind=A.KIND).extra
+    refs = extra["shards"]["layers.1"]
+    assert sum(r["nonfinite"] for r in refs) == 6
+    for ref in refs:
+        rows = A.decode_shard(storage.read_bytes(storage.join(str(out), ref["name"])))[0]
+        bad = int((~torch.isfinite(rows["acts"])).any(dim=1).sum())
+        assert ref["nonfinite"] == bad
+        assert (ref["name"] in caplog.text) == (bad > 0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -104,28 +102,42 @@ def test_a_model_without_processor_files_is_refused(tmp_path):
         load_lmm(tmp_path)
 
 
-def test_s3_uri_is_downloaded_once_into_a_cache_keyed_by_uri(tmp_path, monkeypatch):
-    src = save_tiny("llava_next", tmp_path / "remote")
+def _fake_s3(monkeypatch, tmp_path, download_dir, remote_fingerprint):
+    """Point mmsae.storage's S3 downloads and fingerprints at fakes; the download cache at ``tmp_path/cache``."""
+    from mmsae import storage
+
+    monkeypatch.setattr(storage, "download_dir", download_dir)
+    monkeypatch.setattr(storage, "fingerprint", remote_fingerprint)
+    monkeypatch.setenv("MMSAE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_s3_uri_is_downloaded_once_into_a_cache_keyed_by_uri_and_content(tmp_path, monkeypatch):
+    remote = {"dir": save_tiny("llava_next", tmp_path / "remote", seed=1), "fingerprint": "1" * 64}
     calls: list[tuple[str, Path]] = []
 
     def download_dir(uri: str, local_dir) -> None:
         calls.append((uri, Path(local_dir)))
         Path(local_dir).mkdir(parents=True, exist_ok=True)
-        for f in src.iterdir():
+        for f in remote["dir"].iterdir():
             (Path(local_dir) / f.name).write_bytes(f.read_bytes())
 
-    fake = types.ModuleType("mmsae.storage")
-    fake.download_dir = download_dir
-    monkeypatch.setitem(sys.modules, "mmsae.storage", fake)
-    monkeypatch.setenv("MMSAE_CACHE_DIR", str(tmp_path / "cache"))
+    _fake_s3(monkeypatch, tmp_path, download_dir, lambda uri: remote["fingerprint"])
     uri = "s3://bucket/models/tiny-next"
     first = load_lmm(uri)
     second = load_lmm(uri)
     assert len(calls) == 1 and calls[0][0] == uri
-    assert first.path == second.path == cache_dir_for(uri)
+    assert first.path == second.path == cache_dir_for(uri, "1" * 64)
     assert first.path.is_relative_to(tmp_path / "cache")
     assert first.family == "llava_next"
-    assert cache_dir_for("s3://bucket/models/other") != cache_dir_for(uri)
+    assert cache_dir_for("s3://bucket/models/other", "1" * 64) != cache_dir_for(uri, "1" * 64)
+
+    # the model is rewritten at the same URI: its new content is downloaded, not the stale copy served
+    remote["dir"] = save_tiny("llava_next", tmp_path / "remote2", seed=2)
+    remote["fingerprint"] = "2" * 64
+    third = load_lmm(uri)
+    assert len(calls) == 2 and third.path == cache_dir_for(uri, "2" * 64) != first.path
+    new = dict(third.model.named_parameters())
+    assert any(not torch.equal(p, new[n]) for n, p in first.model.named_parameters())
 
 
 def test_unsupported_uri_scheme_is_refused():
@@ -272,15 +284,30 @@ def test_a_failed_download_leaves_no_cache_entry_and_is_retried(tmp_path, monkey
         for f in src.iterdir():
             (Path(local_dir) / f.name).write_bytes(f.read_bytes())
 
-    fake = types.ModuleType("mmsae.storage")
-    fake.download_dir = download_dir
-    monkeypatch.setitem(sys.modules, "mmsae.storage", fake)
-    monkeypatch.setenv("MMSAE_CACHE_DIR", str(tmp_path / "cache"))
+    _fake_s3(monkeypatch, tmp_path, download_dir, lambda uri: "f" * 64)
     with pytest.raises(ConnectionError):
         load_lmm("s3://bucket/tiny")
-    assert not cache_dir_for("s3://bucket/tiny").exists()
+    assert not cache_dir_for("s3://bucket/tiny", "f" * 64).exists()
+    assert not list((tmp_path / "cache" / "models").iterdir())  # no partial download left behind
     assert load_lmm("s3://bucket/tiny").family == "llava"
     assert len(attempts) == 2
+
+
+@pytest.mark.services
+def test_model_rewritten_on_s3_is_downloaded_afresh(s3_env, tmp_path, monkeypatch):
+    from mmsae import storage
+
+    monkeypatch.setenv("MMSAE_CACHE_DIR", str(tmp_path / "cache"))
+    uri = storage.join(s3_env, "models", "tiny")
+    storage.upload_dir(save_tiny("llava", tmp_path / "a", seed=1), uri)
+    first = load_lmm(uri)
+    assert load_lmm(uri).path == first.path  # unchanged: the cached copy
+    storage.upload_dir(save_tiny("llava", tmp_path / "b", seed=2), uri)  # same names, other weights
+    second = load_lmm(uri)
+    assert second.path != first.path
+    want = dict(load_lmm(tmp_path / "b").model.named_parameters())
+    for name, p in second.model.named_parameters():
+        torch.testing.assert_close(p, want[name], rtol=0, atol=0)
 
 
 def test_package_exports_resolve_lazily():

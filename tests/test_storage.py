@@ -531,3 +531,105 @@ def test_remove_stale_temps_removes_only_the_named_writers_temps(tmp_path):
     assert not mine.exists() and other.exists() and keep.exists()
     assert storage.remove_stale_temps(str(tmp_path)) == 1
     assert not other.exists() and keep.exists()
+
+
+# ------------------------------------------------------------------------------ fingerprints, caches
+
+
+def test_fingerprint_changes_when_anything_under_the_uri_changes(base: str) -> None:
+    root = storage.join(base, "input")
+    storage.write_text(storage.join(root, "a.txt"), "aaaa")
+    storage.write_bytes(storage.join(root, "sub", "b.bin"), b"\0" * 100)
+    first = storage.fingerprint(root)
+    assert len(first) == 64 and storage.fingerprint(root) == first  # stable while nothing changes
+
+    seen = {first}
+    storage.write_text(storage.join(root, "a.txt"), "bbbb")  # same size, new content
+    seen.add(storage.fingerprint(root))
+    storage.write_text(storage.join(root, "sub", "c.txt"), "new file")
+    seen.add(storage.fingerprint(root))
+    storage.delete(storage.join(root, "sub", "b.bin"))
+    seen.add(storage.fingerprint(root))
+    assert len(seen) == 4
+
+    one = storage.join(root, "a.txt")  # a single file or object
+    before = storage.fingerprint(one)
+    storage.write_text(one, "cccc")
+    assert storage.fingerprint(one) != before
+
+    with pytest.raises(StorageNotFoundError, match="nothing-here"):
+        storage.fingerprint(storage.join(base, "nothing-here"))
+
+
+def test_fingerprint_of_an_artifact_is_its_manifest(base: str) -> None:
+    root = storage.join(base, "artifact")
+    storage.write_text(storage.join(root, "data.txt"), "one")
+    storage.write_manifest(root, "image_set")
+    sealed = storage.fingerprint(root)
+    assert sealed == storage.fingerprint(root)
+    storage.write_manifest(root, "image_set")  # rebuilt: a new manifest (its creation time at least differs)
+    assert storage.fingerprint(root) != sealed
+    # a manifest.json that is not an mmsae manifest is just another file
+    other = storage.join(base, "hf-model")
+    storage.write_text(storage.join(other, "manifest.json"), '{"weights": "x"}')
+    before = storage.fingerprint(other)
+    storage.write_text(storage.join(other, "weights.bin"), "w")
+    assert storage.fingerprint(other) != before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_local_writes_get_the_mode_a_plain_open_would_give(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain.txt", "w") as fh:
+            fh.write("x")
+        storage.write_bytes(tmp_path / "w.bin", b"x")
+        with storage.atomic_writer(tmp_path / "a.bin") as fh:
+            fh.write(b"x")
+        with storage.local_output(tmp_path / "o.bin") as path:
+            path.write_bytes(b"x")
+        storage.upload_file(tmp_path / "w.bin", tmp_path / "up" / "u.bin")
+        storage.download_file(tmp_path / "w.bin", tmp_path / "down" / "d.bin")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == want
+    modes = {p.name: oct(p.stat().st_mode & 0o777)
+             for p in [tmp_path / "w.bin", tmp_path / "a.bin", tmp_path / "o.bin", tmp_path / "up" / "u.bin",
+                       tmp_path / "down" / "d.bin"]}
+    assert modes == dict.fromkeys(modes, oct(want))
+
+
+def test_cache_dir_is_keyed_by_uri_and_fingerprint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMSAE_CACHE_DIR", str(tmp_path / "c"))
+    uri = "s3://bucket/models/my model/"
+    plain = storage.cache_dir("models", uri)
+    digest = hashlib.sha256(b"s3://bucket/models/my model").hexdigest()[:16]
+    assert plain == tmp_path / "c" / "models" / f"my_model-{digest}"
+    a, b = storage.cache_dir("models", uri, "a" * 64), storage.cache_dir("models", uri, "b" * 64)
+    assert len({plain, a, b}) == 3 and a.parent == plain.parent
+
+
+def test_download_cached_downloads_once_and_serves_the_copy(
+    base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    remote = storage.join(base, "remote-dir")
+    storage.write_text(storage.join(remote, "config.json"), "{}")
+    storage.write_bytes(storage.join(remote, "sub", "w.bin"), b"weights")
+    got = storage.download_cached(remote, tmp_path / "cache" / "d")
+    assert got == tmp_path / "cache" / "d"
+    assert (got / "sub" / "w.bin").read_bytes() == b"weights"
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name != "d"]  # no partial folder left
+
+    obj = storage.join(base, "data.parquet")
+    storage.write_bytes(obj, b"PAR1")
+    one = storage.download_cached(obj, tmp_path / "cache" / "o")
+    assert one == tmp_path / "cache" / "o" / "data.parquet" and one.read_bytes() == b"PAR1"
+
+    def no_download(*args, **kw):
+        raise AssertionError("a complete cached copy must not be downloaded again")
+
+    monkeypatch.setattr(storage, "download_dir", no_download)
+    monkeypatch.setattr(storage, "download_file", no_download)
+    assert storage.download_cached(remote, tmp_path / "cache" / "d") == got
+    assert storage.download_cached(obj, tmp_path / "cache" / "o") == one

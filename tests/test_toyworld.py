@@ -262,8 +262,28 @@ def test_folder_of_images_and_parquet_file_load_as_image_sets(tmp_path):
     assert np.array_equal(np.asarray(ds[1]["image"].convert("RGB")), scenes[1].image)
 
 
+def _memory_mapped(ds) -> bool:
+    """True when the dataset's table is memory-mapped Arrow files on disk, not a table held in memory."""
+    from datasets.table import MemoryMappedTable
+
+    return isinstance(ds.data, MemoryMappedTable) and bool(ds.cache_files)
+
+
+def test_image_sets_are_memory_mapped_not_held_in_memory(tmp_path):
+    scenes = toyworld.generate(ToyWorldConfig(), "train", 3)
+    toyworld.to_dataset(scenes).to_parquet(str(tmp_path / "world.parquet"))
+    ds = load_image_set(tmp_path / "world.parquet")
+    assert _memory_mapped(ds)
+    (tmp_path / "parts").mkdir()
+    toyworld.to_dataset(scenes).to_parquet(str(tmp_path / "parts" / "a.parquet"))
+    assert _memory_mapped(load_image_set(tmp_path / "parts"))
+    toyworld.build(ToyWorldConfig(n_train=3, n_heldout=1), tmp_path / "saved")
+    assert _memory_mapped(load_image_set(tmp_path / "saved", split="train"))
+
+
 @pytest.mark.services
-def test_build_to_s3_and_load_back(s3_env):
+def test_build_to_s3_and_load_back(s3_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMSAE_CACHE_DIR", str(tmp_path / "cache"))
     cfg = ToyWorldConfig(n_train=4, n_heldout=2)
     uri = f"{s3_env}/toyworld"
     info = toyworld.build(cfg, uri)
@@ -273,3 +293,34 @@ def test_build_to_s3_and_load_back(s3_env):
     scenes = toyworld.generate(cfg, "train", 4)
     assert ds["caption"] == [s.caption for s in scenes]
     assert np.array_equal(np.asarray(ds[0]["image"].convert("RGB")), scenes[0].image)
+    # read from a local copy in the download cache, memory-mapped
+    assert _memory_mapped(ds)
+    assert all(f["filename"].startswith(str(tmp_path / "cache")) for f in ds.cache_files)
+
+    # rebuilt in place with other settings: the new images are loaded, not the cached copy of the old ones
+    other = ToyWorldConfig(n_train=3, n_heldout=2, seed=5)
+    toyworld.build(other, uri)
+    again = load_image_set(uri, split="train")
+    assert again["caption"] == [s.caption for s in toyworld.generate(other, "train", 3)]
+
+
+@pytest.mark.services
+def test_parquet_and_image_folder_on_s3_load_from_local_disk(s3_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMSAE_CACHE_DIR", str(tmp_path / "cache"))
+    scenes = toyworld.generate(ToyWorldConfig(), "train", 3)
+    toyworld.to_dataset(scenes).to_parquet(str(tmp_path / "world.parquet"))
+    storage.upload_file(tmp_path / "world.parquet", f"{s3_env}/world.parquet")
+    ds = load_image_set(f"{s3_env}/world.parquet")
+    assert _memory_mapped(ds)
+    assert ds["caption"] == [s.caption for s in scenes]
+
+    for i, s in enumerate(scenes):
+        storage.write_bytes(f"{s3_env}/pics/img{i}.png", _png(s.image))
+    pics = load_image_set(f"{s3_env}/pics")
+    assert pics["id"] == ["img0", "img1", "img2"]
+    # the table holds paths into the local copy, not the images' bytes
+    from datasets import Image as HFImage
+
+    cells = pics.cast_column("image", HFImage(decode=False))["image"]
+    assert all(c["bytes"] is None and c["path"].startswith(str(tmp_path / "cache")) for c in cells)
+    assert np.array_equal(np.asarray(pics[2]["image"].convert("RGB")), scenes[2].image)

@@ -13,9 +13,14 @@ bounded retries and short connect timeouts (``MMSAE_S3_MAX_ATTEMPTS``, ``MMSAE_S
 names it.
 
 Writes are atomic: no half-written file or object is ever visible under its final name. Local files are
-written to a hidden temporary file in the same directory, fsynced and renamed over the final name; S3
-objects are uploaded with one PUT or a multipart upload (threshold ``MMSAE_S3_MULTIPART_THRESHOLD`` bytes,
-or the ``multipart_threshold`` argument), which S3 only shows once it is complete.
+written to a hidden temporary file in the same directory, fsynced, given the mode a plain ``open()`` would
+give them (0o666 less the umask) and renamed over the final name; S3 objects are uploaded with one PUT or
+a multipart upload (threshold ``MMSAE_S3_MULTIPART_THRESHOLD`` bytes, or the ``multipart_threshold``
+argument), which S3 only shows once it is complete.
+
+Inputs rewritten in place: :func:`fingerprint` is a cheap content fingerprint of a folder, file, prefix or
+object (an artifact's manifest, else names, sizes and mtimes / ETags); :func:`download_cached` keeps one
+local copy of a remote input per :func:`cache_dir` (``$MMSAE_CACHE_DIR``, keyed by URI and fingerprint).
 
 Artifacts: every artifact directory holds a ``manifest.json`` (:class:`Manifest`) written last, so its
 presence marks a complete artifact. It records the artifact's kind, format version, config, inputs and a
@@ -31,6 +36,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -67,11 +73,16 @@ __all__ = [
     "StorageError",
     "StorageNotFoundError",
     "StorageURIError",
+    "DOWNLOAD_COMPLETE",
     "atomic_writer",
+    "cache_dir",
+    "cache_root",
     "delete",
     "download_dir",
+    "download_cached",
     "download_file",
     "exists",
+    "fingerprint",
     "is_s3",
     "join",
     "list_files",
@@ -358,9 +369,42 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _read_umask() -> int | None:
+    """The process umask from /proc (Linux), or None where it cannot be read that way."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _startup_umask() -> int:
+    umask = _read_umask()
+    if umask is None:  # swapping the umask is not thread-safe: done once, at import
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return umask
+
+
+_STARTUP_UMASK = _startup_umask()
+
+
+def _new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 less the umask (mkstemp alone gives 0o600)."""
+    umask = _read_umask()
+    return 0o666 & ~(_STARTUP_UMASK if umask is None else umask)
+
+
 @contextlib.contextmanager
 def _local_temp_path(final: Path) -> Iterator[Path]:
-    """A hidden temporary path next to ``final`` that replaces it on success and is removed on failure."""
+    """A hidden temporary path next to ``final`` that replaces it on success and is removed on failure.
+
+    The published file has the mode a plain ``open()`` would give it (0o666 less the umask), so other
+    users of a shared volume can read it as they could any other file written there.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{final.name}.", dir=final.parent)
     os.close(fd)
@@ -369,6 +413,7 @@ def _local_temp_path(final: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, final)
         _fsync_dir(final.parent)
     except BaseException:
@@ -723,6 +768,165 @@ def local_copy(uri: URI) -> Iterator[Path]:
         else:
             download_dir(uri, target)
         yield target
+
+
+# ------------------------------------------------------------------------------ fingerprints and caches
+
+
+def _manifest_bytes(raw: bytes) -> bytes | None:
+    """``raw`` if it is a manifest mmsae wrote (a valid :class:`Manifest`), else None."""
+    try:
+        Manifest.model_validate_json(raw)
+    except ValidationError:
+        return None
+    return raw
+
+
+def _s3_object_exists(client: Any, uri: str, bucket: str, key: str) -> dict[str, Any] | None:
+    """The HEAD response of the object ``key``, or None if there is none (a prefix, or nothing)."""
+    if not key or key.endswith("/"):
+        return None
+    try:
+        with _s3_errors(client, uri, "check"):
+            return client.head_object(Bucket=bucket, Key=key)
+    except StorageNotFoundError:
+        return None
+
+
+def fingerprint(uri: URI) -> str:
+    """A cheap content fingerprint (hex sha256) of the file, folder, object or prefix at ``uri``.
+
+    It changes when anything under ``uri`` is rewritten, added or removed, without reading the data:
+    - a folder or prefix holding a ``manifest.json`` written by mmsae: that manifest's bytes (an artifact is
+      rewritten with a new manifest, written last, whose creation time alone differs);
+    - otherwise, a local file or folder: the sorted (relative path, size, mtime_ns) of every file under it
+      (temporary files of writes in progress left out);
+    - an S3 prefix or object: the sorted (key, size, ETag) of every object under it.
+
+    Raises StorageNotFoundError naming ``uri`` when nothing is there.
+    """
+    digest = hashlib.sha256()
+    if not is_s3(uri):
+        root = _local(uri)
+        if root.is_file():
+            st = root.stat()
+            digest.update(json.dumps(["file", root.name, st.st_size, st.st_mtime_ns]).encode())
+            return digest.hexdigest()
+        if not root.is_dir():
+            raise _local_not_found(root, uri)
+        manifest = root / MANIFEST_NAME
+        if manifest.is_file() and (raw := _manifest_bytes(manifest.read_bytes())) is not None:
+            digest.update(b"manifest\0" + raw)
+            return digest.hexdigest()
+        entries = []
+        for dirpath, _dirs, names in os.walk(root):
+            for name in names:
+                if name.startswith(_TMP_PREFIX):
+                    continue
+                p = Path(dirpath) / name
+                try:
+                    st = p.stat()
+                except FileNotFoundError:  # removed while we walked
+                    continue
+                entries.append([p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns])
+        entries.sort()
+        digest.update(json.dumps(["dir", entries]).encode())
+        return digest.hexdigest()
+    uri = str(uri)
+    bucket, key = _split_s3(uri)
+    client = s3_client()
+    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+    try:
+        raw = read_bytes(join(uri, MANIFEST_NAME)) if prefix else None
+    except StorageNotFoundError:
+        raw = None
+    if raw is not None and _manifest_bytes(raw) is not None:
+        digest.update(b"manifest\0" + raw)
+        return digest.hexdigest()
+    try:
+        objects = [[o["Key"][len(prefix):], int(o["Size"]), str(o.get("ETag", ""))]
+                   for o in _s3_keys(client, uri, bucket, prefix, recursive=True)]
+    except StorageNotFoundError:
+        objects = []
+    if not objects:
+        head = _s3_object_exists(client, uri, bucket, key)
+        if head is None:
+            raise StorageNotFoundError(f"{uri} does not exist: no object and nothing under the prefix "
+                                       f"(S3 endpoint {_describe_endpoint(client)})")
+        digest.update(json.dumps(["object", key, int(head.get("ContentLength", 0)),
+                                  str(head.get("ETag", ""))]).encode())
+        return digest.hexdigest()
+    objects.sort()
+    digest.update(json.dumps(["prefix", objects]).encode())
+    return digest.hexdigest()
+
+
+def cache_root() -> Path:
+    """Where downloads are cached: ``$MMSAE_CACHE_DIR``, default ``~/.cache/mmsae``."""
+    return Path(os.environ.get("MMSAE_CACHE_DIR") or Path.home() / ".cache" / "mmsae")
+
+
+def cache_dir(section: str, uri: str, fingerprint: str | None = None, *, default_stem: str = "item") -> Path:
+    """The local folder of ``uri`` in the download cache: ``cache_root()/section/<name>-<hash of uri>``.
+
+    With a ``fingerprint`` (see :func:`fingerprint`) the folder is also keyed by it, so a remote input
+    rewritten at the same URI is downloaded afresh instead of served from a stale copy.
+    """
+    text = uri.rstrip("/")
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", text.rsplit("/", 1)[-1])[:60] or default_stem
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    name = f"{stem}-{digest}"
+    if fingerprint is not None:
+        name += f"-{fingerprint[:16]}"
+    return cache_root() / section / name
+
+
+DOWNLOAD_COMPLETE = ".mmsae-download-complete"
+"""Marker file of a complete download in a cache folder (see :func:`download_cached`); it names what was
+downloaded on its first line and the local path (relative to the folder) on its second."""
+
+
+def download_cached(uri: URI, target: URI, *, is_dir: bool | None = None) -> Path:
+    """Download the folder / prefix or the single object at ``uri`` into the cache folder ``target`` once.
+
+    Returns the local copy: ``target`` itself for a folder, ``target/<object name>`` for an object. A complete
+    copy (marked by :data:`DOWNLOAD_COMPLETE`) is reused; a download goes to a temporary sibling renamed into
+    place when done, so an interrupted one leaves nothing that counts and is redone. ``is_dir`` says which
+    of the two ``uri`` is (None: ask the store).
+    """
+    uri_text, target = os.fspath(uri), _local(target)
+    marker = target / DOWNLOAD_COMPLETE
+    if marker.is_file():
+        lines = marker.read_text().splitlines()
+        logger.info("using cached copy of %s in %s", uri_text, target)
+        return target / lines[1] if len(lines) > 1 and lines[1] != "." else target
+    if is_dir is None:
+        if is_s3(uri_text):
+            bucket, key = _split_s3(uri_text)
+            is_dir = _s3_object_exists(s3_client(), uri_text, bucket, key) is None
+        else:
+            is_dir = _local(uri_text).is_dir()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}-{threading.get_ident()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("downloading %s to %s", uri_text, target)
+    rel = "."
+    try:
+        if is_dir:
+            download_dir(uri_text, tmp)
+        else:
+            rel = Path(uri_text.rstrip("/")).name or "object"
+            download_file(uri_text, tmp / rel)
+        (tmp / DOWNLOAD_COMPLETE).write_text(f"{uri_text}\n{rel}\n")
+        if marker.is_file():
+            logger.info("another process finished downloading %s first; using its copy", uri_text)
+        else:
+            if target.exists():
+                shutil.rmtree(target)  # an interrupted earlier download
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target if rel == "." else target / rel
 
 
 # --------------------------------------------------------------------------------------------- hashes

@@ -1,7 +1,8 @@
 """Load an image set: a Hugging Face dataset saved on disk, a parquet file or folder, or a folder of images.
 
-Reads (an ``s3://`` image set is first copied to a temporary folder; parquet goes through the ``datasets``
-cache, as ``Dataset.from_parquet`` always does; nothing else is written):
+Reads (an ``s3://`` image set is first downloaded once into the download cache, ``$MMSAE_CACHE_DIR/image_sets``,
+keyed by its URI and a fingerprint of its content, so a rewritten one is downloaded afresh; parquet goes
+through the ``datasets`` cache, as ``Dataset.from_parquet`` always does; nothing else is written):
 - a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (the toy world's format);
 - a ``.parquet`` file, or a directory of ``.parquet`` files (one dataset);
 - a directory of image files (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.gif``, ``.webp``): column ``image`` and
@@ -9,6 +10,10 @@ cache, as ``Dataset.from_parquet`` always does; nothing else is written):
 
 Every image set must have an ``image`` column of type ``datasets.Image``; anything else is an `ImageSetError`
 that names the path and what was found.
+
+Memory stays bounded whatever the image set's size: tables are memory-mapped Arrow files on local disk (the
+saved dataset's own files, or the ``datasets`` cache for parquet), never loaded into memory; a plain folder
+of images becomes a small table of file paths.
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ def _from_parquet(paths: list[Path], uri: str):
     from datasets import Dataset
     from datasets import Image as HFImage
 
-    ds = Dataset.from_parquet([str(p) for p in paths], keep_in_memory=True)
+    # converted once to Arrow files in the datasets cache and memory-mapped from there, never held in memory
+    ds = Dataset.from_parquet([str(p) for p in paths], keep_in_memory=False)
     if "image" in ds.column_names and not isinstance(ds.features["image"], HFImage):
         # parquet written without HF metadata: an image struct {bytes, path} or plain paths can be cast
         try:
@@ -74,34 +80,38 @@ def _from_parquet(paths: list[Path], uri: str):
     return ds
 
 
-def _from_image_folder(root: Path, files: list[Path], in_memory: bool):
+def _from_image_folder(root: Path, files: list[Path]):
     from datasets import Dataset, Features, Value
     from datasets import Image as HFImage
 
     ids = [str(p.relative_to(root).with_suffix("")) for p in files]
     feats = Features({"id": Value("string"), "image": HFImage()})
-    # a temporary download is read into the table as bytes; a local folder is referenced by path
-    images = [{"bytes": p.read_bytes(), "path": None} if in_memory else str(p) for p in files]
-    return Dataset.from_dict({"id": ids, "image": images}, features=feats)
+    # the table holds the files' paths, not their bytes: its size does not grow with the images'
+    return Dataset.from_dict({"id": ids, "image": [str(p) for p in files]}, features=feats)
 
 
 def load_image_set(uri: str | os.PathLike[str], split: str | None = None):
     """The image set at ``uri`` (local path, ``file://`` or ``s3://``) as a ``datasets.Dataset`` with ``image``.
 
     ``split`` picks a split of a saved ``DatasetDict`` (required when it has more than one); single-dataset
-    formats answer only to None or ``"train"``. An ``s3://`` image set is downloaded to a temporary folder and
-    loaded into memory.
+    formats answer only to None or ``"train"``. An ``s3://`` image set is downloaded once into the download
+    cache (keyed by its URI and content fingerprint) and read from there like a local one: memory-mapped,
+    not loaded into memory.
     """
     uri = str(uri)
     if uri.startswith("s3://"):
-        from mmsae import storage
-
-        with storage.local_copy(uri) as path:
-            return _load_local(path, uri, split, in_memory=True)
-    return _load_local(Path(uri.removeprefix("file://")), uri, split, in_memory=False)
+        return _load_local(_fetch_s3(uri), uri, split)
+    return _load_local(Path(uri.removeprefix("file://")), uri, split)
 
 
-def _load_local(path: Path, uri: str, split: str | None, in_memory: bool):
+def _fetch_s3(uri: str) -> Path:
+    from mmsae import storage
+
+    target = storage.cache_dir("image_sets", uri, storage.fingerprint(uri), default_stem="images")
+    return storage.download_cached(uri, target)
+
+
+def _load_local(path: Path, uri: str, split: str | None):
     from datasets import Dataset, DatasetDict, load_from_disk
 
     if not path.exists():
@@ -114,7 +124,7 @@ def _load_local(path: Path, uri: str, split: str | None, in_memory: bool):
         ds = _from_parquet([path], uri)
     elif (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
         try:
-            loaded = load_from_disk(str(path), keep_in_memory=in_memory)
+            loaded = load_from_disk(str(path), keep_in_memory=False)
         except (FileNotFoundError, ValueError) as e:
             raise ImageSetError(f"image set {uri} cannot be read with datasets.load_from_disk: {e}") from e
         if isinstance(loaded, DatasetDict):
@@ -129,7 +139,7 @@ def _load_local(path: Path, uri: str, split: str | None, in_memory: bool):
         if parquet:
             ds = _from_parquet(parquet, uri)
         elif images:
-            ds = _from_image_folder(path, images, in_memory)
+            ds = _from_image_folder(path, images)
         else:
             raise ImageSetError(
                 f"image set {uri} is a directory with no dataset_dict.json/dataset_info.json, no .parquet "

@@ -2,8 +2,10 @@
 
 Reads a directory written by ``save_pretrained`` (config.json, weights, processor_config.json or
 preprocessor_config.json, tokenizer files); for ``s3://`` URIs it first downloads the prefix with
-`mmsae.storage.download_dir` into a cache folder keyed by the URI ($MMSAE_CACHE_DIR, default ~/.cache/mmsae)
-and reuses it afterwards. Writes nothing else.
+`mmsae.storage.download_cached` into a cache folder keyed by the URI and by a fingerprint of the remote
+content (`mmsae.storage.fingerprint`: its manifest, else every object's key, size and ETag) under
+$MMSAE_CACHE_DIR (default ~/.cache/mmsae), and reuses it while the remote model is unchanged. Writes
+nothing else.
 
 Image processors are the ``...ImageProcessorPil`` classes (no torchvision needed), and LLaVA-OneVision uses
 `LlavaOnevisionImageOnlyProcessor`, a processor without the video processor that the stock class insists on.
@@ -11,12 +13,9 @@ Image processors are the ``...ImageProcessorPil`` classes (no torchvision needed
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,40 +197,23 @@ def load_processor(path: str | Path, family: str | None = None) -> ProcessorMixi
     return processor_cls.from_args_and_dict([image_processor, tokenizer], processor_dict)
 
 
-def cache_dir_for(uri: str) -> Path:
-    """Local folder an ``s3://`` URI is downloaded to: $MMSAE_CACHE_DIR (default ~/.cache/mmsae)/models/<key>."""
-    root = Path(os.environ.get("MMSAE_CACHE_DIR") or Path.home() / ".cache" / "mmsae")
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", uri.rstrip("/").rsplit("/", 1)[-1])[:60] or "model"
-    digest = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-    return root / "models" / f"{stem}-{digest}"
+def cache_dir_for(uri: str, fingerprint: str | None = None) -> Path:
+    """Local folder an ``s3://`` URI is downloaded to: $MMSAE_CACHE_DIR (default ~/.cache/mmsae)/models/<key>.
 
+    The key is the URI's last part and a hash of the URI, and, given a ``fingerprint`` of the remote content
+    (`mmsae.storage.fingerprint`), a hash of that too: a model rewritten at the same URI gets a new folder.
+    """
+    from mmsae import storage
 
-_COMPLETE_MARKER = ".mmsae-download-complete"
+    return storage.cache_dir("models", uri, fingerprint, default_stem="model")
 
 
 def _fetch_s3(uri: str) -> Path:
-    from mmsae.storage import download_dir
+    from mmsae import storage
 
-    target = cache_dir_for(uri)
-    if (target / _COMPLETE_MARKER).is_file():
-        logger.info("using cached copy of %s in %s", uri, target)
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("downloading %s to %s", uri, target)
-    try:
-        download_dir(uri, tmp)
-        (tmp / _COMPLETE_MARKER).write_text(uri + "\n")
-        if (target / _COMPLETE_MARKER).is_file():
-            logger.info("another process finished downloading %s first; using its copy", uri)
-            return target
-        if target.exists():
-            shutil.rmtree(target)  # an interrupted earlier download
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    remote = storage.fingerprint(uri)
+    target = cache_dir_for(uri, remote)
+    return storage.download_cached(uri, target, is_dir=True)
 
 
 def _resolve_local(uri: str | Path) -> Path:

@@ -10,10 +10,19 @@ image or AnyRes tile), and patch row/column.
   then where it stands (``progress-RRR.json``, a few numbers); a rerun with the same config continues
   after the last complete set, and the result is byte-for-byte the same. Both are small and written once
   per set, so bookkeeping costs the same at the millionth image as at the first.
+- Inputs are fingerprinted (`mmsae.storage.fingerprint`: an input's manifest, else its files' names, sizes
+  and modification times or its objects' keys, sizes and ETags). A model or image set rewritten at the
+  same URI (as the toy-world stage does when its settings change) is cached afresh: a sealed artifact of
+  the same config is replaced, a partial run is restarted from scratch, each with a warning. Another
+  config at ``cache.out`` is an error, as is a folder holding another kind of artifact.
 - Data-parallel: under ``torchrun`` or the ``deepspeed`` launcher (RANK / WORLD_SIZE / LOCAL_RANK) each
   rank takes a contiguous block of images and writes its own shards; rank 0 seals the artifact with one
-  manifest once every rank is done.
-- Unreadable images are skipped, counted and listed in the manifest; a set with no usable image is an error.
+  manifest once every rank is done. A partial run resumes only under the world size it was started with.
+  The ranks' process group waits up to `DIST_TIMEOUT` for each other (ranks may finish hours apart).
+- Unreadable images (whatever the decoder raises, a decompression bomb included) are skipped, counted and
+  listed in the manifest; a set with no usable image is an error.
+- Each shard's manifest entry counts its rows holding NaN or inf (``nonfinite``, warned about when > 0),
+  and the manifest records each hook point's width (``dims``; ``d`` is the first one's).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -46,8 +56,13 @@ log = logging.getLogger(__name__)
 STEP = "cache"
 PROGRESS = "progress-{rank:03d}.json"
 SET_RECORDS = "progress-{rank:03d}"
-PROGRESS_VERSION = 2
+PROGRESS_VERSION = 3
+"""3: progress records the inputs' fingerprint and the world size and image block of its rank."""
 IMAGES_FILE = "images.json"
+DIST_TIMEOUT = timedelta(hours=24)
+"""How long a rank of the cache's process group waits for the others (the barrier before sealing among
+them): ranks given slow images can finish hours after the others, and torch's default (30 minutes for
+gloo) would kill rank 0 while it waits. A module constant, not a config field."""
 
 
 class CacheError(RuntimeError):
@@ -65,6 +80,12 @@ class _Progress:
     """Where one rank stands: shard sets ``0 .. next_shard - 1`` are written; resume from ``next_chunk``."""
 
     config_hash: str
+    inputs_fingerprint: str = ""
+    """`inputs_fingerprint` of the model and image set the run started with."""
+    world_size: int = 1
+    lo: int = 0
+    """The rank's block of images is ``[lo, hi)`` (contiguous blocks of the ``world_size`` ranks)."""
+    hi: int = 0
     next_chunk: int = 0
     next_shard: int = 0
     done: bool = False
@@ -117,9 +138,27 @@ def run(cfg: RunConfig, image_set: str | None = None, model: str | None = None,
 
 
 def config_hash(c: CacheConfig) -> str:
-    """What must match for a rerun to resume earlier work (everything that changes the bytes)."""
+    """What of the config must match for a rerun to resume earlier work (everything that changes the bytes).
+
+    The inputs behind the URIs must match too: see `inputs_fingerprint`.
+    """
     keep = c.model_dump(mode="json", exclude={"num_workers", "device"})
     return hashlib.sha256(dump_config(CacheConfig(**keep)).encode()).hexdigest()[:16]
+
+
+def inputs_fingerprint(c: CacheConfig) -> str:
+    """A fingerprint of the content of the model and the image set (`mmsae.storage.fingerprint` of each).
+
+    It changes when either is rewritten at the same URI, so shards cached from the old one are not reused.
+    """
+    parts = {}
+    for name, uri in (("model", c.model), ("image_set", c.image_set)):
+        try:
+            parts[name] = storage.fingerprint(uri)
+        except FileNotFoundError as e:
+            raise CacheError(f"cache.{name} {uri} does not exist ({e}); expected a local path, file:// or "
+                             f"s3:// URI of the {name.replace('_', ' ')}") from e
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,7 +169,7 @@ def _dist_env() -> tuple[int, int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend=backend)
+        torch.distributed.init_process_group(backend=backend, timeout=DIST_TIMEOUT)
     return rank, world, local_rank
 
 
@@ -150,18 +189,26 @@ def _cache(c: CacheConfig, rank: int, world: int, local_rank: int, tr: tracking.
     from mmsae.models import capture, load_lmm, resolve_hookpoint
 
     chash = config_hash(c)
-    try:
-        sealed = storage.read_manifest(c.out, kind=A.KIND)
-    except (FileNotFoundError, storage.ManifestError):
-        sealed = None
+    fingerprint = inputs_fingerprint(c)
+    sealed = _read_sealed(c.out)
     if sealed is not None:
-        if sealed.extra.get("config_hash") == chash:
+        if sealed.extra.get("config_hash") != chash:
+            raise CacheError(
+                f"{c.out} already holds activation shards made with another config "
+                f"(hash {sealed.extra.get('config_hash')} != {chash}); choose another cache.out"
+            )
+        if sealed.extra.get("inputs_fingerprint") == fingerprint:
             log.info("activation shards already complete at %s", c.out)
             return dict(sealed.extra["figures"])
-        raise CacheError(
-            f"{c.out} already holds activation shards made with another config "
-            f"(hash {sealed.extra.get('config_hash')} != {chash}); choose another cache.out"
+        log.warning(
+            "%s holds activation shards of this config made from other inputs (fingerprint %s != %s: the "
+            "model %s or the image set %s changed since); replacing them", c.out,
+            sealed.extra.get("inputs_fingerprint"), fingerprint, c.model, c.image_set,
         )
+        _barrier(world)  # every rank has read the manifest before it goes
+        if rank == 0:
+            _drop_sealed(c.out, sealed)
+        _barrier(world)
 
     ds = load_image_set(c.image_set, c.split)
     n_total = len(ds) if c.max_images is None else min(len(ds), c.max_images)
@@ -181,7 +228,8 @@ def _cache(c: CacheConfig, rank: int, world: int, local_rank: int, tr: tracking.
     storage.remove_stale_temps(_records_uri(c.out, rank))
     for own in (f"progress-{rank:03d}", f"shard-{rank:03d}-"):
         storage.remove_stale_temps(c.out, of=own)
-    progress = _load_progress(c.out, rank, chash, hook_names)
+    progress = _load_progress(c.out, rank, hook_names, _Progress(
+        config_hash=chash, inputs_fingerprint=fingerprint, world_size=world, lo=lo, hi=hi))
     t0 = time.perf_counter()
     images_done = rows_done = 0
     if not progress.done:
@@ -195,7 +243,7 @@ def _cache(c: CacheConfig, rank: int, world: int, local_rank: int, tr: tracking.
     _barrier(world)
     if rank != 0:
         return {}
-    return _seal(c, chash, world, hook_names, lmm, elapsed, images_done, rows_done)
+    return _seal(c, chash, fingerprint, world, hook_names, lmm, elapsed, images_done, rows_done)
 
 
 _Step = Callable[[dict[str, Any]], dict[str, dict[str, torch.Tensor]]]
@@ -266,7 +314,7 @@ class _Batches(torch.utils.data.Dataset):
         for i in self.chunks[j]:
             try:
                 img = _decode(self.ds[i]["image"])
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            except Exception as e:  # noqa: BLE001 - any bad image (PIL's DecompressionBombError too) is skipped
                 skipped.append({"image_idx": i, "error": f"{type(e).__name__}: {e}"})
                 continue
             ok.append(i)
@@ -384,18 +432,29 @@ def _write_set(out: str, rank: int, index: int, buf: _SetBuffer, end_image: int,
     """
     files: dict[str, dict[str, Any]] = {}
     shards: dict[str, dict[str, Any]] = {}
+    dims: dict[str, int] = {}
     for h, parts in buf.parts.items():
         name = f"{h}/{A.shard_name(rank, index)}"
         cols = _concat(parts)
         data = A.encode_shard(cols, {"hookpoint": h, "first_image": buf.first_image, "end_image": end_image})
         storage.write_bytes(storage.join(out, name), data)
         files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        nonfinite = _nonfinite_rows(cols["acts"])
+        if nonfinite:
+            log.warning("shard %s holds %d of %d rows with NaN or inf activations",
+                        storage.join(out, name), nonfinite, int(cols["acts"].shape[0]))
         shards[h] = {"name": name, "rows": int(cols["acts"].shape[0]), "first_image": buf.first_image,
-                     "end_image": end_image}
-    record = {"files": files, "shards": shards, "images": buf.images, "skipped": buf.skipped}
+                     "end_image": end_image, "nonfinite": nonfinite}
+        dims[h] = int(cols["acts"].shape[1])
+    record = {"files": files, "shards": shards, "dims": dims, "images": buf.images, "skipped": buf.skipped}
     storage.write_json(_record_uri(out, rank, index), record, indent=None)
     _save_progress(out, rank, progress)
     return sum(f["bytes"] for f in files.values())
+
+
+def _nonfinite_rows(acts: torch.Tensor) -> int:
+    """Rows of ``acts`` [n, d] holding a NaN or an inf."""
+    return int((~torch.isfinite(acts)).reshape(acts.shape[0], -1).any(dim=1).sum())
 
 
 def _save_progress(out: str, rank: int, progress: dict[str, Any]) -> None:
@@ -440,10 +499,16 @@ class _SetWriter:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _load_progress(out: str, rank: int, chash: str, hook_names: list[str]) -> _Progress:
-    """The rank's progress from an earlier run with the same config or a fresh one; drops unrecorded sets."""
+def _load_progress(out: str, rank: int, hook_names: list[str], fresh: _Progress) -> _Progress:
+    """The rank's progress from an earlier run with the same config, or ``fresh``; drops unrecorded sets.
+
+    A run of another config is refused; a run from other inputs (fingerprint) is dropped, with a warning, and
+    started afresh; a run with another world size or image block is refused, since resuming it would cache
+    some images twice and others never.
+    """
     uri = _progress_uri(out, rank)
-    p = _Progress(config_hash=chash)
+    chash = fresh.config_hash
+    p = fresh
     if storage.exists(uri):
         data = storage.read_json(uri)
         if data.get("config_hash") != chash:
@@ -456,8 +521,23 @@ def _load_progress(out: str, rank: int, chash: str, hook_names: list[str]) -> _P
                 f"{uri} is in progress format {data.get('version', 1)}, but this version resumes only format "
                 f"{PROGRESS_VERSION}; choose another cache.out"
             )
-        p = _Progress(**data)
-        log.info("rank %d resumes at batch %d (%d shard sets done)", rank, p.next_chunk, p.next_shard)
+        if data.get("inputs_fingerprint") != fresh.inputs_fingerprint:
+            log.warning(
+                "%s records a partial run made from other inputs (fingerprint %s != %s: the model or the image "
+                "set changed since); rank %d starts again from scratch", uri, data.get("inputs_fingerprint"),
+                fresh.inputs_fingerprint, rank,
+            )
+        else:
+            old = (data.get("world_size"), data.get("lo"), data.get("hi"))
+            if old != (fresh.world_size, fresh.lo, fresh.hi):
+                raise CacheError(
+                    f"{out} holds a partial run made with world size {old[0]} (rank {rank} took images "
+                    f"[{old[1]}, {old[2]})), but this run has world size {fresh.world_size} (rank {rank} takes "
+                    f"images [{fresh.lo}, {fresh.hi})): resuming would cache some images twice and others "
+                    f"never. Rerun with world size {old[0]} to resume it, or delete {out} to start over"
+                )
+            p = _Progress(**data)
+            log.info("rank %d resumes at batch %d (%d shard sets done)", rank, p.next_chunk, p.next_shard)
     # sets written after the last recorded progress (killed in between) are redone: drop their files
     records = SET_RECORDS.format(rank=rank)
     stale = [storage.join(h, n) for h in hook_names for n in storage.list_files(storage.join(out, h))
@@ -469,13 +549,43 @@ def _load_progress(out: str, rank: int, chash: str, hook_names: list[str]) -> _P
     return p
 
 
+def _read_sealed(out: str) -> storage.Manifest | None:
+    """The manifest of an activation-shard artifact at ``out``; None if there is no manifest.
+
+    A manifest of another kind, or one that is not an mmsae manifest, is an error: that folder is not ours
+    to overwrite.
+    """
+    try:
+        manifest = storage.read_manifest(out)
+    except storage.ManifestError as e:
+        if not storage.exists(storage.join(out, storage.MANIFEST_NAME)):
+            return None
+        raise CacheError(
+            f"cache.out {out} holds a {storage.MANIFEST_NAME} that cannot be read ({e}); expected an "
+            f"activation-shard artifact ({A.KIND!r}) or no manifest: choose another cache.out"
+        ) from e
+    if manifest.kind != A.KIND:
+        raise CacheError(
+            f"cache.out {out} holds a {manifest.kind!r} artifact, not activation shards ({A.KIND!r}); "
+            "choose another cache.out (or delete that folder to reuse it)"
+        )
+    return manifest
+
+
+def _drop_sealed(out: str, sealed: storage.Manifest) -> None:
+    """Delete a sealed artifact: its manifest first (it is no longer complete), then the files it lists."""
+    storage.delete(storage.join(out, storage.MANIFEST_NAME))
+    for name in sealed.files:
+        storage.delete(storage.join(out, name))
+
+
 def _read_rank(out: str, rank: int) -> _Progress | None:
     uri = _progress_uri(out, rank)
     return _Progress(**storage.read_json(uri)) if storage.exists(uri) else None
 
 
-def _seal(c: CacheConfig, chash: str, world: int, hook_names: list[str], lmm, elapsed: float,
-          images_done: int, rows_done: int) -> dict[str, Any]:
+def _seal(c: CacheConfig, chash: str, fingerprint: str, world: int, hook_names: list[str], lmm,
+          elapsed: float, images_done: int, rows_done: int) -> dict[str, Any]:
     """Rank 0: merge every rank's set records into one manifest (written last) and drop the progress files."""
     ranks = [_read_rank(c.out, r) for r in range(world)]
     not_done = [r for r, p in enumerate(ranks) if p is None or not p.done]
@@ -485,12 +595,18 @@ def _seal(c: CacheConfig, chash: str, world: int, hook_names: list[str], lmm, el
     shards: dict[str, list[dict[str, Any]]] = {h: [] for h in hook_names}
     images: list[list[int]] = []
     skipped: list[dict[str, Any]] = []
+    dims: dict[str, int] = {}
     with ThreadPoolExecutor(max_workers=8) as pool:  # many small reads: overlap their latency on S3
         for r, p in enumerate(ranks):
-            for rec in pool.map(storage.read_json, [_record_uri(c.out, r, i) for i in range(p.next_shard)]):
+            uris = [_record_uri(c.out, r, i) for i in range(p.next_shard)]
+            for uri, rec in zip(uris, pool.map(storage.read_json, uris), strict=True):
                 files.update(rec["files"])
                 for h in hook_names:
                     shards[h].append(rec["shards"][h])
+                    d = int(rec["dims"][h])
+                    if dims.setdefault(h, d) != d:
+                        raise CacheError(f"{uri} records width {d} for hook point {h}, but earlier shard "
+                                         f"sets hold width {dims[h]}")
                 images.extend(rec["images"])
                 skipped.extend(rec["skipped"])
             skipped.extend(p.skipped)
@@ -504,7 +620,6 @@ def _seal(c: CacheConfig, chash: str, world: int, hook_names: list[str], lmm, el
     storage.write_bytes(storage.join(c.out, IMAGES_FILE), images_blob)
     files[IMAGES_FILE] = {"sha256": hashlib.sha256(images_blob).hexdigest(), "bytes": len(images_blob)}
     total_rows = sum(s["rows"] for s in shards[hook_names[0]])
-    d = int(getattr(lmm.config, "text_config", lmm.config).hidden_size)
     figures = {
         "images": len(images),
         "images_skipped": len(skipped),
@@ -518,7 +633,9 @@ def _seal(c: CacheConfig, chash: str, world: int, hook_names: list[str], lmm, el
         c.out, A.KIND, files=files, config={"cache": c.model_dump(mode="json")},
         inputs={"image_set": c.image_set, "model": c.model}, format_version=A.FORMAT_VERSION,
         extra={
-            "config_hash": chash, "hookpoints": hook_names, "d": d, "dtype": c.dtype, "tokens": c.tokens,
+            "config_hash": chash, "inputs_fingerprint": fingerprint, "hookpoints": hook_names,
+            "d": dims[hook_names[0]], "dims": {h: dims[h] for h in hook_names}, "dtype": c.dtype,
+            "tokens": c.tokens,
             "family": lmm.family, "world_size": world, "shards": shards, "figures": figures,
             "skipped": skipped, "geometry": _grid_info(lmm),
         },
