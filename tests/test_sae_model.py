@@ -170,26 +170,38 @@ def test_forward_gradients_match_dense_autograd() -> None:
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_auxk_loss_matches_the_openai_recipe_and_scales_with_dead_count() -> None:
+@pytest.mark.parametrize("every,normalize", [(5, False), (5, True), (1, False), (1, True), (2, True)])
+def test_auxk_loss_matches_the_openai_recipe(every: int, normalize: bool) -> None:
+    # every 5th latent dead: the dense path over the dead subset; every one or every 2nd: the sparse kernels
     cfg = SaeConfig(d_in=8, num_latents=40, k=3)
     sae, ref = _randomised(cfg, seed=3), _randomised(cfg, seed=3)
+    sae.normalize_in_forward = normalize
+    if normalize:  # the reference uses the normalised rows as its parameters
+        with torch.no_grad():
+            ref.W_dec.div_(ref.W_dec.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps)
     x = torch.randn(30, 8)
     dead = torch.zeros(40, dtype=torch.bool)
-    dead[::5] = True  # 8 dead latents, fewer than k_aux = d_in // 2 * 4 below
+    dead[::every] = True
+    num_dead = int(dead.sum())
     k_aux = 16
     out = sae(x, dead_mask=dead, k_aux=k_aux)
     out.auxk_loss.backward()
 
     pre, ref_out = _dense_forward(ref, x, 3)
     masked = pre.masked_fill(~dead, float("-inf"))
-    vals, idx = masked.topk(8, dim=1)  # min(k_aux, num_dead)
+    vals, idx = masked.topk(min(k_aux, num_dead), dim=1)
     e_hat = torch.zeros_like(pre).scatter(1, idx, vals) @ ref.W_dec
     residual = (x - ref_out).detach()
-    want = (8 / k_aux) * (e_hat - residual).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    # OpenAI's normalized_mse(auxk_recons, residual): the residual's own variance, no dead-count scale
+    want = (e_hat - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
     want.backward()
     torch.testing.assert_close(out.auxk_loss, want, rtol=1e-5, atol=1e-7)
     for (name, p), (_, q) in zip(sae.named_parameters(), ref.named_parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
+        want_grad = q.grad
+        if normalize and name == "W_dec":  # through w / |w|: the part along each row removed, over |w|
+            w = ref.W_dec.detach()
+            want_grad = (q.grad - (q.grad * w).sum(1, keepdim=True) * w) / p.detach().norm(dim=1, keepdim=True)
+        torch.testing.assert_close(p.grad, want_grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_auxk_is_zero_without_dead_latents_and_uses_default_k_aux() -> None:

@@ -23,10 +23,11 @@ marks latents as fired with :meth:`TopKSAE.fired_latents`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
@@ -192,6 +193,15 @@ def project_out_parallel_(grad: Tensor, weight: Tensor) -> Tensor:
     return grad.addcmul_(weight, parallel, value=-1.0)
 
 
+AUX_SUBSET_RATIO = 4
+"""AuxK runs densely over the dead latents when at most 1 / AUX_SUBSET_RATIO of the latents are dead."""
+
+
+def _batch_variance(z: Tensor) -> Tensor:
+    """``Σ‖z − mean(z)‖²`` over the rows of ``z``."""
+    return (z - z.mean(0)).pow(2).sum()
+
+
 class TopKSAE(nn.Module):
     """TopK sparse autoencoder with a tied-at-init, unit-norm decoder (sparsify's parameter names)."""
 
@@ -334,18 +344,22 @@ class TopKSAE(nn.Module):
         dead_mask: Tensor | None = None,
         k_aux: int | None = None,
         total_variance: Tensor | None = None,
+        variance_of: Callable[[Tensor], Tensor] | None = None,
     ) -> ForwardOutput:
         """Reconstruct ``x`` ``[..., d_in]`` and compute the training losses.
 
         Args:
             x: activations; flattened to ``[n, d_in]`` (``n >= 2``: the FVU divides by the batch variance).
             dead_mask: optional ``[num_latents]`` bool, True for latents counted as dead. With any dead
-                latent the AuxK loss is computed: the top ``k_aux`` dead latents by pre-activation
-                reconstruct the residual ``x - x_hat`` (``x_hat`` detached, no ``b_dec``), normalised by the
-                same total variance as the FVU and scaled by ``min(num_dead / k_aux, 1)``.
+                latent the AuxK loss is computed, as in OpenAI's recipe (Gao et al. 2024): the top ``k_aux``
+                dead latents by pre-activation reconstruct the residual ``e = x - x_hat`` (``x_hat`` detached, no
+                ``b_dec``), and the squared error is normalised by the residual's own variance
+                ``Σ‖e − mean(e)‖²`` (not the input's: the residual is much smaller once the SAE fits).
             k_aux: AuxK width, default ``d_in // 2``.
-            total_variance: the FVU's denominator, ``Σ‖x − mean(x)‖²``; default: over this batch. Data-parallel
-                training passes the global batch's, so every rank's loss is its share of one global FVU.
+            total_variance: the FVU's denominator, ``Σ‖x − mean(x)‖²``; default: ``variance_of(x)``.
+            variance_of: ``Σ‖z − mean(z)‖²`` of a ``[n, d_in]`` tensor; default: over this batch. Data-parallel
+                training passes one over the global batch (every rank holds a slice), so each rank's losses
+                are its share of one global FVU and AuxK loss.
 
         Returns:
             :class:`ForwardOutput`; ``sae_out`` has the shape of ``x``, latents ``[..., k]``.
@@ -357,7 +371,6 @@ class TopKSAE(nn.Module):
 
         aux_mask: Tensor | None = None
         k_aux_eff = 0
-        scale = 0.0
         if dead_mask is not None:
             if dead_mask.shape != (self.num_latents,) or dead_mask.dtype != torch.bool:
                 raise ValueError(
@@ -369,9 +382,11 @@ class TopKSAE(nn.Module):
                 k_aux_full = self.d_in // 2 if k_aux is None else int(k_aux)
                 if k_aux_full <= 0:
                     raise ValueError(f"k_aux must be positive, got {k_aux_full}")
-                scale = min(num_dead / k_aux_full, 1.0)
                 k_aux_eff = min(k_aux_full, num_dead)
                 aux_mask = dead_mask.to(self.device)
+        # Few dead latents (the usual case once training settles): AuxK as dense products over the dead
+        # subset only, which beats k_aux-wide sparse gathers; many dead (early on): the sparse kernels.
+        dead_subset = aux_mask is not None and num_dead * AUX_SUBSET_RATIO <= self.num_latents
 
         box: list[SparsePattern | None] = [None]
         enc = topk_encode(
@@ -380,8 +395,8 @@ class TopKSAE(nn.Module):
             self.encoder.weight,
             self.encoder.bias,
             k_fetch,
-            aux_mask=aux_mask,
-            k_aux=k_aux_eff,
+            aux_mask=None if dead_subset else aux_mask,
+            k_aux=0 if dead_subset else k_aux_eff,
             chunk_rows=self._chunk_rows(),
             pattern_box=box if k_fetch == k else None,
         )
@@ -396,15 +411,22 @@ class TopKSAE(nn.Module):
         # with normalize_in_forward the decoder applies decoder_weight()'s normalisation itself (fused)
         w_dec, norm = self.W_dec, self.normalize_in_forward
         sae_out = sparse_decode(top_acts, top_idx, w_dec, self.b_dec, pattern=pattern, normalize_rows=norm)
+        if variance_of is None:
+            variance_of = _batch_variance
         if total_variance is None:
-            total_variance = (y - y.mean(0)).pow(2).sum()
+            total_variance = variance_of(y)
         residual = y - sae_out
         fvu = residual.pow(2).sum() / total_variance
         zero = fvu.new_zeros(())
 
-        if k_aux_eff > 0:
+        if k_aux_eff > 0 and dead_subset:
+            e_hat = self._aux_decode_subset(y, aux_mask, k_aux_eff)
+            e = residual.detach()
+            auxk_loss = (e_hat - e).pow(2).sum() / variance_of(e.float()).clamp_min(1e-12)
+        elif k_aux_eff > 0:
             e_hat = sparse_decode(enc.aux_acts, enc.aux_indices, w_dec, None, normalize_rows=norm)
-            auxk_loss = scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
+            e = residual.detach()
+            auxk_loss = (e_hat - e).pow(2).sum() / variance_of(e.float()).clamp_min(1e-12)
         else:
             auxk_loss = zero
 
@@ -422,6 +444,18 @@ class TopKSAE(nn.Module):
             auxk_loss=auxk_loss,
             multi_topk_fvu=multi_topk_fvu,
         )
+
+    def _aux_decode_subset(self, y: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+        """AuxK's reconstruction of the residual from the top ``k_aux`` dead latents (no ``b_dec``), computed
+        with dense products over the dead latents' rows only; the same function as the sparse path."""
+        rows = dead.nonzero().squeeze(1)
+        pre = F.linear(y - self.b_dec, self.encoder.weight.index_select(0, rows), self.encoder.bias.index_select(0, rows))
+        vals, pos = pre.topk(k_aux, dim=1, sorted=False)
+        z = torch.zeros_like(pre).scatter(1, pos, vals.relu())
+        w = self.W_dec.index_select(0, rows)
+        if self.normalize_in_forward:
+            w = w / (torch.linalg.vector_norm(w, dim=1, keepdim=True) + torch.finfo(w.dtype).eps)
+        return z @ w
 
     # ----------------------------------------------------------------------------- step contract
 
