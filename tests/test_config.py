@@ -18,6 +18,16 @@ def test_yaml_file_and_overrides_merge(tmp_path):
     assert cfg.toyworld.colors == ["red", "blue"]
 
 
+def test_text_fields_take_overrides_that_look_like_numbers_or_booleans_as_text(tmp_path):
+    cfg = load_config(None, ["run.name=2024", "cache.prompt=yes", "train.k=8", "tracking.enabled=false"])
+    assert (cfg.run.name, cfg.cache.prompt, cfg.train.k, cfg.tracking.enabled) == ("2024", "yes", 8, False)
+    p = tmp_path / "run.yaml"
+    p.write_text("run:\n  name: 7\n")
+    assert load_config(p).run.name == "7"
+    with pytest.raises(ConfigError, match=r"`train\.k`.*integer"):  # the other way round stays an error
+        load_config(None, ["run.name=2024", "train.k=abc"])
+
+
 def test_unknown_key_is_rejected_with_its_dotted_path(tmp_path):
     p = tmp_path / "run.yaml"
     p.write_text("toyworld:\n  n_trian: 10\n")

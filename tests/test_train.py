@@ -34,7 +34,8 @@ def planted(n: int, seed: int) -> torch.Tensor:
 
 
 def make_shards(uri: str, n_shards: int = 6, rows_per_image: int = 20, images_per_shard: int = 30,
-                hookpoints=("layers.1",), poison: int | None = None) -> str:
+                hookpoints=("layers.1",), poison: int | None = None, count_nonfinite: bool = False,
+                widths: dict[str, int] | None = None) -> str:
     files, shards = {}, {h: [] for h in hookpoints}
     img = 0
     for s in range(n_shards):
@@ -43,7 +44,7 @@ def make_shards(uri: str, n_shards: int = 6, rows_per_image: int = 20, images_pe
         token_pos = torch.arange(rows_per_image).repeat(images_per_shard)
         view = torch.where(token_pos < rows_per_image - 4, 0, -1).to(torch.int16)  # last 4 tokens are text
         for hi, h in enumerate(hookpoints):
-            acts = planted(n, seed=1000 * s + hi)
+            acts = planted(n, seed=1000 * s + hi)[:, : (widths or {}).get(h, D)]
             if poison is not None and s == poison:
                 acts[5, 3] = float("nan")
             cols = {"acts": acts, "image_idx": image_idx, "token_pos": token_pos, "view": view,
@@ -53,9 +54,12 @@ def make_shards(uri: str, n_shards: int = 6, rows_per_image: int = 20, images_pe
             storage.write_bytes(storage.join(uri, name), data)
             files[name] = storage.sha256_file(storage.join(uri, name)) if not storage.is_s3(uri) else None
             shards[h].append({"name": name, "rows": n, "first_image": img, "end_image": img + images_per_shard})
+            if count_nonfinite:  # as the cache stage records it
+                shards[h][-1]["nonfinite"] = int((~torch.isfinite(acts)).any(1).sum())
         img += images_per_shard
     storage.write_manifest(uri, A.KIND, files=list(files), extra={
-        "hookpoints": list(hookpoints), "d": D, "dtype": "float32", "shards": shards})
+        "hookpoints": list(hookpoints), "d": D, "dims": {h: (widths or {}).get(h, D) for h in hookpoints},
+        "dtype": "float32", "shards": shards})
     return uri
 
 
@@ -114,7 +118,7 @@ def test_training_learns_planted_features_and_writes_sparsify_layout(tmp_path):
     f = result.figures
     assert f["heldout_fvu_image"] < 0.25, f
     assert f["heldout_fvu_text"] < 0.25, f
-    assert 0 <= f["dead_pct"] <= 100
+    assert 0 <= f["dead_pct"] <= 100 and 0 <= f["heldout_dead_pct"] <= 100
     cfg = json.loads((out / "layers.1" / "cfg.json").read_text())
     assert cfg["d_in"] == D and cfg["num_latents"] == 64 and cfg["k"] == 4
     tensors = load_file(out / "layers.1" / "sae.safetensors")
@@ -139,6 +143,67 @@ def test_in_process_run_leaves_no_process_group_or_launcher_variables(tmp_path, 
             "RANK": None, "WORLD_SIZE": None, "LOCAL_RANK": None, "MASTER_ADDR": "10.9.8.7", "MASTER_PORT": None}
 
 
+def test_resume_is_refused_for_other_settings_or_rewritten_shards(tmp_path):
+    shards = make_shards(str(tmp_path / "acts"), n_shards=2)
+    out = tmp_path / "sae"
+    first = train.run(cfg_for(shards, out, max_steps=6, checkpoint_every=3))
+    (out / "manifest.json").unlink()  # as if the run had died after its last state
+    with pytest.raises(train.TrainError, match=r"cannot resume: .*train\.k 4 -> 2.*train\.lr 0\.01 -> 0\.02"):
+        train.run(cfg_for(shards, out, max_steps=6, checkpoint_every=3, k=2, lr=2e-2))
+    # settings that do not change what is trained may differ: it resumes at the end and seals the same SAE
+    again = train.run(cfg_for(shards, out, max_steps=6, checkpoint_every=3, log_every=1, eval_lm_images=0))
+    assert again.figures["steps"] == 6 and again.figures["heldout_fvu_image"] == first.figures["heldout_fvu_image"]
+    (out / "manifest.json").unlink()
+    make_shards(shards, n_shards=2)  # rewritten at the same place
+    with pytest.raises(train.TrainError, match="were rewritten since"):
+        train.run(cfg_for(shards, out, max_steps=6, checkpoint_every=3))
+
+
+def test_only_the_newest_states_are_kept_and_an_s3_state_resumes_on_a_fresh_machine(tmp_path, s3_env, monkeypatch):
+    monkeypatch.setenv("MMSAE_CACHE_DIR", str(tmp_path / "cache-a"))
+    shards = make_shards(str(tmp_path / "acts"), n_shards=2)
+    local = train.run(cfg_for(shards, tmp_path / "local", max_steps=9, checkpoint_every=2, keep_checkpoints=1))
+    assert sorted(p.name for p in (tmp_path / "local" / train.STATE_DIR).glob("step*")) == ["step00000009"]
+    out = s3_env + "/sae"
+
+    def on_s3():
+        cfg = cfg_for(shards, tmp_path / "unused", max_steps=9, checkpoint_every=2)
+        cfg.train.out = out
+        return cfg
+
+    remote = train.run(on_s3())
+    state = storage.join(out, train.STATE_DIR)
+    assert {n.split("/")[0] for n in storage.list_files(state)} == {
+        "step00000008", "step00000009", "latest", train.RESUME_KEY}
+    assert storage.read_text(storage.join(state, "latest")).strip() == "step00000009"
+    assert remote.figures["heldout_fvu_image"] == local.figures["heldout_fvu_image"]
+    sae = storage.read_bytes(storage.join(out, "layers.1", "sae.safetensors"))
+    # a new machine (empty local cache) picks the run up from S3 after it died before sealing
+    storage.delete(storage.join(out, "manifest.json"))
+    monkeypatch.setenv("MMSAE_CACHE_DIR", str(tmp_path / "cache-b"))
+    resumed = train.run(on_s3())
+    assert resumed.figures["steps"] == 9
+    assert storage.read_bytes(storage.join(out, "layers.1", "sae.safetensors")) == sae
+
+
+@pytest.mark.parametrize("tokens", ["all", "image", "text"])
+def test_estimated_steps_are_the_batches_the_stream_yields(tmp_path, tokens):
+    shards = A.ActivationShards(make_shards(str(tmp_path / "acts"), n_shards=7))
+    stream = A.BatchStream(shards, ["layers.1"], 32, epochs=2, window_shards=2, tokens=tokens,
+                           heldout_fraction=0.2)
+    actual = sum(1 for _ in stream.iterate())
+    assert abs(stream.estimated_steps() - actual) <= max(1, actual // 20), (stream.estimated_steps(), actual)
+
+
+def test_hook_points_of_different_widths_get_saes_of_their_widths(tmp_path):
+    shards = make_shards(str(tmp_path / "acts"), n_shards=2, hookpoints=("layers.1", "layers.1.mlp"),
+                         widths={"layers.1.mlp": 24})
+    train.run(cfg_for(shards, tmp_path / "sae", max_steps=3, num_latents=None, expansion_factor=2))
+    cfgs = {h: json.loads((tmp_path / "sae" / h / "cfg.json").read_text()) for h in ("layers.1", "layers.1.mlp")}
+    assert (cfgs["layers.1"]["d_in"], cfgs["layers.1.mlp"]["d_in"]) == (D, 24)
+    assert (cfgs["layers.1"]["num_latents"], cfgs["layers.1.mlp"]["num_latents"]) == (2 * D, 48)
+
+
 def test_sweep_trains_several_saes_from_one_pass(tmp_path):
     shards = make_shards(str(tmp_path / "acts"), hookpoints=("layers.1", "layers.2"))
     out = tmp_path / "sae"
@@ -150,9 +215,16 @@ def test_sweep_trains_several_saes_from_one_pass(tmp_path):
 
 
 def test_nan_in_a_shard_is_an_error_naming_it(tmp_path):
-    shards = make_shards(str(tmp_path / "acts"), poison=1)
-    with pytest.raises(A.ShardFormatError, match=r"NaN or inf.*shard-000-00001"):
+    # counted when the shards were written: refused before anything is trained or saved
+    shards = make_shards(str(tmp_path / "counted"), poison=4, count_nonfinite=True)
+    with pytest.raises(train.TrainError, match=r"NaN or inf.*shard-000-00004.*1 rows"):
         train.run(cfg_for(shards, tmp_path / "sae"))
+    assert not (tmp_path / "sae").exists()
+    # not counted (shards of another tool): found when the shard is read, naming that shard alone
+    shards = make_shards(str(tmp_path / "acts"), poison=1)
+    with pytest.raises(A.ShardFormatError, match=r"shard-000-00001\.safetensors: 1 rows hold NaN or inf") as e:
+        train.run(cfg_for(shards, tmp_path / "sae2"))
+    assert "shard-000-00000" not in str(e.value) and "shard-000-00002" not in str(e.value)
 
 
 def test_missing_shards_and_unknown_hookpoint_are_clear_errors(tmp_path):

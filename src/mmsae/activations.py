@@ -92,6 +92,8 @@ class ShardRef:
     rows: int
     first_image: int
     end_image: int
+    nonfinite: int | None = None
+    """Rows holding NaN or inf, as counted when the shard was written (None: not recorded)."""
 
 
 class ActivationShards:
@@ -103,11 +105,20 @@ class ActivationShards:
         extra = self.manifest.extra
         self.hookpoints: list[str] = list(extra["hookpoints"])
         self.d: int = int(extra["d"])
+        """Width of the first hook point's activations (see :meth:`dim` for each hook point)."""
+        self.dims: dict[str, int] = {h: int(extra.get("dims", {}).get(h, self.d)) for h in self.hookpoints}
         self.dtype: str = str(extra["dtype"])
         self._shards: dict[str, list[ShardRef]] = {
-            h: [ShardRef(h, s["name"], s["rows"], s["first_image"], s["end_image"]) for s in extra["shards"][h]]
+            h: [ShardRef(h, s["name"], s["rows"], s["first_image"], s["end_image"], s.get("nonfinite"))
+                for s in extra["shards"][h]]
             for h in self.hookpoints
         }
+
+    def dim(self, hookpoint: str) -> int:
+        """Width of the activations of ``hookpoint``."""
+        if hookpoint not in self.dims:
+            raise KeyError(f"hook point {hookpoint!r} is not in {self.uri}; it holds {self.hookpoints}")
+        return self.dims[hookpoint]
 
     def shards(self, hookpoint: str | None = None) -> list[ShardRef]:
         hp = hookpoint or self.hookpoints[0]
@@ -203,9 +214,24 @@ class BatchStream:
         return [order[i : i + w] for i in range(0, len(order), w)]
 
     def estimated_steps(self) -> int:
-        """Batches in the whole run, from the manifest's row counts (held-out share estimated)."""
-        rows = self.shards.num_rows(self.hookpoints[0]) * (1.0 - self.heldout_fraction)
-        return max(1, int(self.epochs * rows // self.batch_size))
+        """Batches in the whole run: per window, its rows from the manifest times the share of rows that are
+        trained on (the token kind, not held out), measured on the first window, cut into whole batches."""
+        refs = self.shards.shards(self.hookpoints[0])
+        first = self.windows(0)[0]
+        rows = kept = 0
+        for s in first:
+            cols = self.shards.read(refs[s])
+            rows += int(cols["view"].numel())
+            kept += int(self._keep(cols).sum())
+        share = kept / rows if rows else 0.0
+        steps = 0
+        for epoch in range(self.epochs):
+            for window in self.windows(epoch):
+                steps += int(share * sum(refs[s].rows for s in window)) // self.batch_size
+        return max(1, steps)
+
+    def _keep(self, cols: dict[str, torch.Tensor]) -> torch.Tensor:
+        return token_mask(cols, self.tokens) & ~heldout_images(cols["image_idx"], self.heldout_fraction, self.seed)
 
     def _load_window(self, epoch: int, wi: int, shard_ids: list[int]) -> dict[str, torch.Tensor]:
         refs = {h: self.shards.shards(h) for h in self.hookpoints}
@@ -217,11 +243,14 @@ class BatchStream:
                 cols = self.shards.read(refs[h][s])
                 if first is None:
                     first = cols
-                    keep = token_mask(cols, self.tokens) & ~heldout_images(
-                        cols["image_idx"], self.heldout_fraction, self.seed)
+                    keep = self._keep(cols)
                     keeps.append(keep)
                 elif not torch.equal(cols["token_pos"], first["token_pos"]):
                     raise ShardFormatError(f"shard {refs[h][s].name} rows do not line up with {refs[self.hookpoints[0]][s].name}")
+                bad = int((~torch.isfinite(cols["acts"][keep])).any(dim=1).sum())
+                if bad:
+                    raise ShardFormatError(f"{storage.join(self.shards.uri, refs[h][s].name)}: {bad} rows hold NaN "
+                                           f"or inf (hook point {h})")
                 per_hook[h].append(cols["acts"])
         keep = torch.cat(keeps)
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_007 + wi)
@@ -229,14 +258,7 @@ class BatchStream:
         perm = torch.randperm(n, generator=g)
         out = {}
         for h in self.hookpoints:
-            x = torch.cat(per_hook[h])[keep]
-            bad = ~torch.isfinite(x).all(dim=1)
-            if bool(bad.any()):
-                raise ShardFormatError(
-                    f"{self.shards.uri}: hook point {h} holds NaN or inf in window shards "
-                    f"{[refs[h][s].name for s in shard_ids]}"
-                )
-            out[h] = x[perm].to(self.dtype)
+            out[h] = torch.cat(per_hook[h])[keep][perm].to(self.dtype)
         return out
 
     def __iter__(self):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -18,7 +18,9 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    # overrides are parsed as YAML, so `run.name=2024` arrives as a number: text fields take it as text
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True,
+                              coerce_numbers_to_str=True)
 
 
 class RunSection(Section):
@@ -191,7 +193,8 @@ class TrainConfig(Section):
     b_dec_init: Literal["geometric_median", "mean"] = "geometric_median"
     """How the decoder bias is initialised from the first batch."""
     grad_clip: float = Field(0.0, ge=0)
-    """Clip the global gradient norm to this value (0: off)."""
+    """Clip the gradient norm to this value (0: off). The norm is one over every trained parameter, so it is
+    refused with a sweep, whose SAEs would then not train as they would alone."""
     zero_stage: int = Field(2, ge=0, le=2)
     """DeepSpeed ZeRO stage: 0, 1 or 2 (optimizer state and gradients sharded; the SAE weights stay whole).
     With one rank, stage 0 is used (nothing to partition)."""
@@ -206,12 +209,21 @@ class TrainConfig(Section):
     image set with a `caption` column)."""
     checkpoint_every: int = Field(1000, ge=1)
     """Save the full training state every this many steps (and at the end)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Training states kept (the newest); older ones are deleted once a newer one is saved."""
     log_every: int = Field(50, ge=1)
     """Log metrics every this many steps."""
     seed: int = 0
     """Seed of initialisation and data order."""
     cpu_shm_comm: bool = False
     """On the CPU, build DeepSpeed's shared-memory collective op (a C++ compile of minutes, once)."""
+
+    @model_validator(mode="after")
+    def _clip_alone(self) -> TrainConfig:
+        if self.grad_clip > 0 and len(self.sweep) > 1:
+            raise ValueError("grad_clip > 0 with a sweep of several SAEs: the clipped norm would be one over "
+                             "all of them; train them separately or set grad_clip to 0")
+        return self
 
 
 class MineConfig(Section):
@@ -333,8 +345,12 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn ``["a.b=1", "c=[1, 2]"]`` into a nested dict; values are parsed as YAML scalars/lists."""
+def parse_overrides(overrides: list[str], raw_values: dict[tuple[str, ...], str] | None = None) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=[1, 2]"]`` into a nested dict; values are parsed as YAML scalars/lists.
+
+    ``raw_values``, when given, receives each override's text by key path (a text field given `yes` or
+    `2024` takes the text, not YAML's bool or number: see :func:`load_config`).
+    """
     out: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
@@ -345,6 +361,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         except yaml.YAMLError as e:
             raise ConfigError(f"override `{key}`: value {raw!r} is not valid YAML: {e}") from e
         set_dotted(out, key.strip(), value)
+        if raw_values is not None:
+            raw_values[tuple(key.strip().split("."))] = raw
     return out
 
 
@@ -384,8 +402,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
         data = loaded
     if overrides:
-        data = _merge(data, parse_overrides(overrides))
+        raw: dict[tuple[str, ...], str] = {}
+        data = _merge(data, parse_overrides(overrides, raw))
         source = f"{source} (with overrides)"
+        try:
+            return RunConfig.model_validate(data)
+        except ValidationError as e:
+            # an override for a text field that YAML read as a bool or a number: take its text
+            texts = [tuple(map(str, x["loc"])) for x in e.errors() if x["type"] == "string_type"]
+            if texts and all(loc in raw for loc in texts):
+                for loc in texts:
+                    set_dotted(data, ".".join(loc), raw[loc])
     return from_dict(data, source)
 
 

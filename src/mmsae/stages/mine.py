@@ -737,9 +737,9 @@ def _mine(m: MineConfig, tr) -> dict[str, Any]:
 
     device = _device(m)
     sae = load_sae(sae_path, device=device, dtype=m.dtype)
-    if sae.d_in != shards.d:
-        raise MineError(f"the SAE at {sae_path} takes inputs of width {sae.d_in}, but the activations at "
-                        f"{m.shards} have width {shards.d}")
+    if sae.d_in != shards.dim(hp):
+        raise MineError(f"the SAE at {sae_path} takes inputs of width {sae.d_in}, but the activations of {hp} at "
+                        f"{m.shards} have width {shards.dim(hp)}")
     sizes = _shard_images(shards)
     image_set = shards.manifest.inputs.get("image_set", "")
     split = (shards.manifest.config or {}).get("cache", {}).get("split")

@@ -15,9 +15,12 @@ Several SAEs (a sweep over width and k, or several hook points) train from one p
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +41,11 @@ log = logging.getLogger(__name__)
 STEP = "train"
 KIND = "sae"
 STATE_DIR = "state"
+RESUME_KEY = "resume-key.json"
+"""Beside the training states: the config and inputs they belong to; a run resumes only from its own."""
+_NOT_TRAINING = ("out", "log_every", "checkpoint_every", "keep_checkpoints", "eval_lm_images", "device",
+                 "cpu_shm_comm")
+"""Settings that may change between a run and its resumption (they do not change what is trained)."""
 
 
 class TrainError(RuntimeError):
@@ -161,16 +169,29 @@ def lr_multiplier(step: int, total: int, warmup: int, decay: str, final: float) 
 # the module DeepSpeed trains: every SAE of the run
 
 
+@torch.no_grad()
+def global_variance(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Σ‖x − mean‖² over the global batch, of which every rank holds a slice ``x`` (a constant: no gradient)."""
+    x = x.float()
+    stats = torch.cat([x.sum(0), x.pow(2).sum(0), torch.tensor([x.shape[0]], dtype=torch.float32, device=x.device)])
+    if world > 1:
+        torch.distributed.all_reduce(stats)
+    d = x.shape[1]
+    s, s2, n = stats[:d], stats[d : 2 * d], stats[-1]
+    return (s2 - s * s / n).sum()
+
+
 class SaeBundle(nn.Module):
     """All SAEs of a run in one module; ``forward`` returns the summed loss of one global step."""
 
-    def __init__(self, variants: list[Variant], d: int, t: TrainConfig):
+    def __init__(self, variants: list[Variant], dims: dict[str, int] | int, t: TrainConfig):
         from mmsae.sae.model import SaeConfig, TopKSAE
 
         super().__init__()
         self.variants = variants
         self.saes = nn.ModuleDict()
         for v in variants:
+            d = dims if isinstance(dims, int) else dims[v.hookpoint]
             sae_cfg = SaeConfig(d_in=d, num_latents=v.num_latents, k=v.k, multi_topk=t.multi_topk,
                                 expansion_factor=max(1, v.num_latents // d))
             self.saes[v.key] = TopKSAE(sae_cfg)
@@ -186,7 +207,7 @@ class SaeBundle(nn.Module):
         for v in self.variants:
             sae = self.saes[v.key]
             out = sae(batch[v.hookpoint], dead_mask=dead[v.key] if t.auxk_alpha > 0 else None, k_aux=t.k_aux,
-                      total_variance=variance[v.hookpoint])
+                      total_variance=variance[v.hookpoint], variance_of=lambda z: global_variance(z, world))
             loss, losses, metrics = sae.training_step_losses(out, auxk_alpha=t.auxk_alpha)
             outs[v.key] = (out, losses, metrics)
             # DeepSpeed averages gradients over ranks; each rank holds a slice of the global sums
@@ -247,45 +268,50 @@ class Trainer:
             raise TrainError(f"hook points {missing} are not in {t.shards}; it holds {self.shards.hookpoints}")
         if not self.shards.shards(hps[0]):
             raise TrainError(f"{t.shards} holds no shards")
+        bad = [r for h in hps for r in self.shards.shards(h) if r.nonfinite]
+        if bad:
+            raise TrainError(f"{len(bad)} shards of {t.shards} hold NaN or inf (counted when they were written), "
+                             f"e.g. {bad[0].name} ({bad[0].nonfinite} rows); re-cache them (e.g. cache.model_dtype=float32)")
         self.hookpoints = hps
-        self.d = self.shards.d
+        self.dims = {h: self.shards.dim(h) for h in hps}
+        self.local_rank = local_rank
         self.variants = self._variants()
         self.autocast = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
 
     def _variants(self) -> list[Variant]:
         t = self.t
-        base_m = t.num_latents or t.expansion_factor * self.d
         specs = t.sweep or [None]
         out = []
         for spec in specs:
-            m = (spec.num_latents if spec and spec.num_latents else base_m)
             k = (spec.k if spec and spec.k else t.k)
-            if t.init_from:
-                m, k = self._init_shape(spec, m, k)
-            if k > m:
-                raise TrainError(f"k = {k} exceeds the number of latents {m}")
-            name = "" if spec is None else (spec.name or f"k{k}-m{m}")
+            widths = {h: (spec.num_latents if spec and spec.num_latents else t.num_latents)
+                      or t.expansion_factor * self.dims[h] for h in self.hookpoints}
+            name = "" if spec is None else (spec.name or f"k{k}-m{widths[self.hookpoints[0]]}")
             for h in self.hookpoints:
-                out.append(Variant(name, h, m, k, t.lr or default_lr(m)))
+                m, kh = widths[h], k
+                if t.init_from:
+                    m, kh = self._init_shape(name, h)
+                if kh > m:
+                    raise TrainError(f"k = {kh} exceeds the number of latents {m}")
+                out.append(Variant(name, h, m, kh, t.lr or default_lr(m)))
         return out
 
     def _init_path(self, variant_name: str, hookpoint: str) -> str:
         return storage.join(self.t.init_from, *( [variant_name] if variant_name else []), hookpoint)
 
-    def _init_shape(self, spec, m: int, k: int) -> tuple[int, int]:
+    def _init_shape(self, name: str, hookpoint: str) -> tuple[int, int]:
         """Width and k of the SAE to continue from; its input width must be the activations'."""
         from mmsae.sae.checkpoint import read_config
 
-        name = "" if spec is None else (spec.name or f"k{k}-m{m}")
-        path = self._init_path(name, self.hookpoints[0])
+        path = self._init_path(name, hookpoint)
         try:
             sae_cfg = read_config(path)
         except FileNotFoundError as e:
             raise TrainError(f"train.init_from: no SAE at {path}: {e}") from e
-        if sae_cfg.d_in != self.d:
+        if sae_cfg.d_in != self.dims[hookpoint]:
             raise TrainError(
-                f"the SAE at {path} takes inputs of width {sae_cfg.d_in}, but the activations at "
-                f"{self.t.shards} have width {self.d}"
+                f"the SAE at {path} takes inputs of width {sae_cfg.d_in}, but the activations of {hookpoint} at "
+                f"{self.t.shards} have width {self.dims[hookpoint]}"
             )
         return sae_cfg.effective_num_latents, sae_cfg.k
 
@@ -293,7 +319,7 @@ class Trainer:
 
     def _bundle(self) -> SaeBundle:
         torch.manual_seed(self.t.seed)
-        bundle = SaeBundle(self.variants, self.d, self.t).to(self.device)
+        bundle = SaeBundle(self.variants, self.dims, self.t).to(self.device)
         if self.t.init_from:
             from mmsae.sae.checkpoint import load_sae
 
@@ -316,17 +342,72 @@ class Trainer:
             return cache_dir_for(self.t.out) / "train-state"
         return Path(self.t.out) / STATE_DIR
 
+    def _resume_key(self) -> dict[str, Any]:
+        manifest = storage.read_bytes(storage.join(self.t.shards, storage.MANIFEST_NAME))
+        return {"train": {k: v for k, v in self.t.model_dump(mode="json").items() if k not in _NOT_TRAINING},
+                "shards_manifest_sha256": hashlib.sha256(manifest).hexdigest()}
+
+    def _check_resume_key(self, local: Path) -> None:
+        """Refuse to resume from states of another config or other shards (before anything is loaded)."""
+        path = local / RESUME_KEY
+        saved = json.loads(path.read_text()) if path.exists() else None
+        key = self._resume_key()
+        if saved == key:
+            return
+        if saved is None:
+            why = f"it has no {RESUME_KEY}"
+        elif saved.get("shards_manifest_sha256") != key["shards_manifest_sha256"]:
+            why = f"the shards at {self.t.shards} were rewritten since"
+        else:
+            old, new = saved.get("train", {}), key["train"]
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            why = "it was trained with other settings: " + ", ".join(
+                f"train.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+        raise TrainError(f"{storage.join(self.t.out, STATE_DIR)} holds a training state this run cannot resume: {why}. "
+                         f"Rerun with the old settings, or give train.out another place (or delete that state).")
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
     def _sync_state_down(self, local: Path) -> None:
-        if storage.is_s3(self.t.out) and not (local / "latest").exists():
+        """On S3, the newest state is fetched once per node (local rank 0), then every rank proceeds."""
+        if storage.is_s3(self.t.out) and self.local_rank == 0 and not (local / "latest").exists():
             remote = storage.join(self.t.out, STATE_DIR)
             if storage.exists(storage.join(remote, "latest")):
-                storage.download_dir(remote, local)
+                tag = storage.read_text(storage.join(remote, "latest")).strip()
+                storage.download_dir(storage.join(remote, tag), local / tag)
+                if storage.exists(storage.join(remote, RESUME_KEY)):
+                    storage.download_file(storage.join(remote, RESUME_KEY), local / RESUME_KEY)
+                storage.write_text(str(local / "latest"), tag)  # last: a partial download is not a state
+        self._barrier()
 
-    def _sync_state_up(self, local: Path, tag: str) -> None:
+    def _save_state(self, engine, local: Path, tag: str, client: dict[str, Any]) -> None:
+        """Save a state; on S3 each node uploads what its ranks wrote before ``latest`` moves; then prune."""
+        if self.rank == 0 and not (local / RESUME_KEY).exists():
+            local.mkdir(parents=True, exist_ok=True)
+            storage.write_json(str(local / RESUME_KEY), self._resume_key())
+        engine.save_checkpoint(str(local), tag=tag, client_state=client)
+        self._barrier()
+        remote = storage.join(self.t.out, STATE_DIR)
+        if storage.is_s3(self.t.out):
+            if self.local_rank == 0:
+                storage.upload_dir(local / tag, storage.join(remote, tag))
+            self._barrier()
+            if self.rank == 0:
+                storage.upload_file(local / RESUME_KEY, storage.join(remote, RESUME_KEY))
+                storage.write_text(storage.join(remote, "latest"), tag)
+        old = sorted(p.name for p in local.glob("step*") if p.is_dir() and p.name != tag)
+        old = old[: max(0, len(old) - (self.t.keep_checkpoints - 1))]
+        if self.local_rank == 0:
+            for name in old:
+                shutil.rmtree(local / name, ignore_errors=True)
         if storage.is_s3(self.t.out) and self.rank == 0:
-            remote = storage.join(self.t.out, STATE_DIR)
-            storage.upload_dir(local / tag, storage.join(remote, tag))
-            storage.write_text(storage.join(remote, "latest"), tag)
+            stale = {n.split("/", 1)[0] for n in storage.list_files(remote)} - {tag, "latest", RESUME_KEY}
+            keep = sorted(stale)[-(self.t.keep_checkpoints - 1):] if self.t.keep_checkpoints > 1 else []
+            for name in sorted(stale - set(keep)):
+                for f in storage.list_files(storage.join(remote, name)):
+                    storage.delete(storage.join(remote, name, f))
 
     # -- loop -------------------------------------------------------------------------------------------
 
@@ -350,6 +431,8 @@ class Trainer:
         self._sync_state_down(state_dir)
         bundle = self._bundle()
         resuming = (state_dir / "latest").exists()
+        if resuming:
+            self._check_resume_key(state_dir)
         if not resuming and not t.init_from:
             # b_dec from the first global batch, before the optimizer copies the weights
             _, first = next(stream.iterate(), (None, None))
@@ -374,7 +457,7 @@ class Trainer:
                 break
             stream_state = position
             batch = {h: x.to(self.device, non_blocking=True) for h, x in batch.items()}
-            variance = {h: self._global_variance(x) for h, x in batch.items()}
+            variance = {h: global_variance(x, self.world) for h, x in batch.items()}
             dead_mask = {k: c > t.dead_tokens for k, c in dead.items()}
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss, outs = engine(batch, dead_mask, variance, t, self.world)
@@ -403,17 +486,6 @@ class Trainer:
                 torch.distributed.all_gather(parts, x)
                 x = torch.cat(parts)
             bundle.saes[v.key].init_b_dec(x, method=self.t.b_dec_init)
-
-    @torch.no_grad()
-    def _global_variance(self, x: torch.Tensor) -> torch.Tensor:
-        """Σ‖x − mean‖² over the global batch (every rank holds a slice)."""
-        x = x.float()
-        stats = torch.cat([x.sum(0), x.pow(2).sum(0), torch.tensor([x.shape[0]], dtype=torch.float32, device=x.device)])
-        if self.world > 1:
-            torch.distributed.all_reduce(stats)
-        d = x.shape[1]
-        s, s2, n = stats[:d], stats[d : 2 * d], stats[-1]
-        return (s2 - s * s / n).sum()
 
     @torch.no_grad()
     def _update_dead(self, bundle: SaeBundle, outs, dead: dict[str, torch.Tensor]) -> None:
@@ -445,8 +517,7 @@ class Trainer:
         tag = f"step{step:08d}"
         client = {"step": step, "tokens_seen": tokens_seen, "stream": stream_state.as_dict(),
                   "tokens_since_fired": {k: v.cpu() for k, v in dead.items()}}
-        engine.save_checkpoint(str(state_dir), tag=tag, client_state=client)
-        self._sync_state_up(state_dir, tag)
+        self._save_state(engine, state_dir, tag, client)
 
     @torch.no_grad()
     def _finish(self, bundle: SaeBundle, step: int, tokens_seen: int, dead) -> dict[str, Any]:
@@ -475,7 +546,7 @@ class Trainer:
             storage.write_manifest(
                 t.out, KIND, files=names, config={"train": t.model_dump(mode="json")},
                 inputs={"shards": t.shards},
-                extra={"figures": figures, "d": self.d, "variants": [v.__dict__ for v in self.variants],
+                extra={"figures": figures, "dims": self.dims, "variants": [v.__dict__ for v in self.variants],
                        "hookpoints": self.hookpoints},
             )
             self.tr.log_metrics({k: float(val) for k, val in figures.items()})
@@ -483,9 +554,11 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self, bundle: SaeBundle) -> dict[str, dict[str, float]]:
-        """Held-out FVU for image and text tokens separately (sums over the held-out rows of every shard)."""
+        """Held-out FVU for image and text tokens separately (sums over the held-out rows of every shard), and
+        the share of latents that fire on no held-out token with the final weights."""
         t = self.t
         err: dict[tuple[str, str], float] = {}
+        fired = {v.key: torch.zeros(v.num_latents, dtype=torch.bool, device=self.device) for v in self.variants}
         sums: dict[tuple[str, str], list[Any]] = {}
         refs = {h: self.shards.shards(h) for h in self.hookpoints}
         my_shards = range(self.rank, len(refs[self.hookpoints[0]]), self.world)
@@ -510,21 +583,26 @@ class Trainer:
                         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                             acts, idx = sae.encode(x)
                             recon = sae.decode(acts, idx).float()
+                        fired[v.key][idx[acts > 0]] = True
                         err[(v.key, kind)] = err.get((v.key, kind), 0.0) + float((recon - x).pow(2).sum())
         out: dict[str, dict[str, float]] = {}
         for v in self.variants:
-            res = {}
+            d = self.dims[v.hookpoint]
+            f = fired[v.key].to(torch.uint8)
+            if self.world > 1:
+                torch.distributed.all_reduce(f, op=torch.distributed.ReduceOp.MAX)
+            res = {"heldout_dead_pct": 100.0 * float((f == 0).float().mean())}
             for kind in ("image", "text"):
                 st = sums.get((v.hookpoint, kind))
                 e = torch.tensor([err.get((v.key, kind), 0.0)], dtype=torch.float64, device=self.device)
                 if st is None:
-                    st = [torch.zeros(self.d, dtype=torch.float64, device=self.device),
+                    st = [torch.zeros(d, dtype=torch.float64, device=self.device),
                           torch.zeros((), dtype=torch.float64, device=self.device), 0]
                 packed = torch.cat([e, st[0], st[1].reshape(1),
                                     torch.tensor([float(st[2])], dtype=torch.float64, device=self.device)])
                 if self.world > 1:
                     torch.distributed.all_reduce(packed)
-                err_sum, s, s2, n = packed[0], packed[1 : 1 + self.d], packed[1 + self.d], packed[-1]
+                err_sum, s, s2, n = packed[0], packed[1 : 1 + d], packed[1 + d], packed[-1]
                 if n < 2:
                     continue
                 variance = s2 - (s * s).sum() / n
