@@ -11,6 +11,10 @@
   neighbours in time on a machine that other work shares; :func:`summarise` turns the pairs into
   tokens/s, matmul FLOP/s and the fraction of the dense-encoder limit (medians over pairs).
 * :func:`matmul_baseline` is the baseline itself: ``[n, d] @ [d, m]`` into a preallocated result.
+* :func:`dead_latent_mask` picks a seeded :data:`DEAD_FRACTION` of the latents as dead, so a timed step runs
+  the AuxK path (the dead latents' pre-activations, their top ``k_aux``, the decode of the residual and
+  the backward of all of it) as a training step does once some latents have stopped firing; with no dead
+  latent that work is skipped.
 * :class:`NaiveTopKSAE` and :func:`naive_step` are the naive dense implementation the fast paths are
   compared with: top-k scattered into a dense ``[n, m]`` matrix, a dense decode and plain autograd.
 """
@@ -175,6 +179,24 @@ def matmul_baseline(x: Tensor, weight: Tensor, reps: int = 1) -> Callable[[], Te
         return out
 
     return run
+
+
+DEAD_FRACTION = 0.05
+"""Share of latents the step benchmarks count as dead (their AuxK path then runs, as in a real run)."""
+
+
+def dead_latent_mask(
+    num_latents: int, fraction: float = DEAD_FRACTION, seed: int = 0, device: torch.device | str = "cpu"
+) -> Tensor:
+    """``[num_latents]`` bool, True for ``round(fraction * num_latents)`` latents (at least one), seeded.
+
+    Chosen on the CPU with its own generator, so the same latents are dead on every device.
+    """
+    count = max(1, round(fraction * num_latents))
+    chosen = torch.randperm(num_latents, generator=torch.Generator().manual_seed(seed))[:count]
+    mask = torch.zeros(num_latents, dtype=torch.bool)
+    mask[chosen] = True
+    return mask.to(device)
 
 
 # ---------------------------------------------------------------------------------------------- naive

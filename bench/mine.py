@@ -14,7 +14,11 @@ encode in the same batches of whole images:
   seconds is reported beside it, as it moves less when other processes share the machine.
 
 Memory: the miner alone runs in a child process over `N_IMAGES` and over twice as many images (the first
-set's shards plus as many again), and the child's peak resident set size is read from ``os.wait4``. Both
+set's shards plus as many again), and the child reports its own peak resident set size: ``VmHWM`` of
+``/proc/self/status``, read when mining is done (and once before it starts, after the imports and the SAE
+load, as ``start_rss_mib``). Not ``ru_maxrss`` from ``os.wait4``: on Linux the child's maximum starts at the
+parent's high-water mark (the forked copy's RSS is folded in at exec), so with this process holding the
+throughput runs' memory both children would report the parent's peak and the figure could not move. Both
 children import the same modules and hold one shard at a time, so any difference is the mining state; the
 goal is a flat peak (``rss_ratio`` near 1).
 
@@ -170,29 +174,45 @@ def _seconds(fn) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def _proc_status_kib(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (e.g. ``VmHWM``, the peak resident set size) in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
 def _child(shards_uri: str, sae_path: str, out: str) -> None:
-    """Run in a child process: mine ``shards_uri`` and write the state's peak bytes to ``out``."""
+    """Run in a child process: mine ``shards_uri``; write the state's peak bytes and this process's peak RSS.
+
+    ``vm_hwm_kib`` is this process's own high-water mark (``VmHWM``), read after ``finish``; unlike the
+    parent's ``ru_maxrss`` for it, it does not start at the parent's peak. ``start_hwm_kib`` is the same mark
+    after the imports and the SAE load, before any mining.
+    """
     from mmsae.sae.checkpoint import load_sae
 
     torch.set_num_threads(TORCH_THREADS)
-    result = mine_all(shards_uri, load_sae(sae_path))
+    sae = load_sae(sae_path)
+    start = _proc_status_kib("VmHWM")
+    result = mine_all(shards_uri, sae)
     Path(out).write_text(json.dumps({"peak_state_bytes": result.peak_state_bytes, "images": result.images,
-                                     "map_rows": int(result.maps["feature"].numel())}))
+                                     "map_rows": int(result.maps["feature"].numel()),
+                                     "start_hwm_kib": start, "vm_hwm_kib": _proc_status_kib("VmHWM")}))
 
 
 def peak_rss(shards_uri: str, sae_path: str, root: Path) -> dict[str, Any]:
+    """Mine ``shards_uri`` in a fresh child process; its own peak RSS (``VmHWM``, MiB) and mining state."""
     out = root / f"child-{Path(shards_uri).name}.json"
     code = f"from bench.mine import _child; _child({shards_uri!r}, {sae_path!r}, {str(out)!r})"
     env = {**os.environ, "OMP_NUM_THREADS": str(TORCH_THREADS)}
     repo = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if status != 0:
-        raise RuntimeError(f"mining child failed on {shards_uri} (status {status}): {err[-2000:]}")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, check=False)
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace")
+        raise RuntimeError(f"mining child failed on {shards_uri} (exit {proc.returncode}): {err[-2000:]}")
     info = json.loads(out.read_text())
-    return {"peak_rss_mib": usage.ru_maxrss / 1024, **info}  # ru_maxrss is in KiB on Linux
+    return {"peak_rss_mib": info["vm_hwm_kib"] / 1024, "start_rss_mib": info["start_hwm_kib"] / 1024, **info}
 
 
 def main(out_dir: Path) -> dict[str, Any]:
@@ -206,10 +226,12 @@ def main(out_dir: Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "mine.json").write_text(json.dumps(result, indent=2, sort_keys=True))
-    log.info("mine / encode throughput %.3f (goal >= %.2f; CPU time %.3f); peak RSS %.0f MiB at %d images, "
-             "%.0f MiB at %d", result["mine_over_encode_throughput"], GOAL,
-             result["mine_over_encode_throughput_cpu"], result["memory"]["n"]["peak_rss_mib"], N_IMAGES,
-             result["memory"]["2n"]["peak_rss_mib"], 2 * N_IMAGES)
+    mem = result["memory"]
+    log.info("mine / encode throughput %.3f (goal >= %.2f; CPU time %.3f); child peak RSS (VmHWM) %.0f MiB at "
+             "%d images, %.0f MiB at %d (ratio %.3f; %.0f / %.0f MiB before mining); mining state ratio %.3f",
+             result["mine_over_encode_throughput"], GOAL, result["mine_over_encode_throughput_cpu"],
+             mem["n"]["peak_rss_mib"], N_IMAGES, mem["2n"]["peak_rss_mib"], 2 * N_IMAGES, mem["rss_ratio"],
+             mem["n"]["start_rss_mib"], mem["2n"]["start_rss_mib"], mem["state_ratio"])
     return result
 
 

@@ -11,6 +11,15 @@ the batch variance and dead-latent mask, ``engine(batch, ...)`` (under bf16 auto
 ``engine.backward``, ``engine.step`` and the dead-latent counters, reported as the parts ``forward``,
 ``backward`` and ``step``.
 
+The timed step includes AuxK. The stage's counters start at 0, and a latent is dead only after
+``train.dead_tokens`` (10 M) tokens without firing, so a benchmark starting from zeros would never run the
+AuxK path (the dead latents' pre-activations and top ``k_aux``, the decode of the residual and both
+backwards) and would time a cheaper step than a trained SAE's. The counters are therefore pre-aged: a seeded
+5 % of the latents (:data:`bench._timing.DEAD_FRACTION`) have a tokens-since-fired count above
+``train.dead_tokens``, the others 0, and they are set back to that state at the start of every step (a copy
+of ``m`` integers; with random data the dead latents would otherwise fire and revive within a step or two).
+``train.json`` records the share, ``k_aux`` and the last step's AuxK loss under ``auxk``.
+
 * On the CPU: d = 1024, 32 768 latents, k = 64, fp32, global batches of 4096 tokens (the stage's default
   batch size; Adam's update over the 64 M parameters is then ~2 % of a step).
 * On a GPU (when CUDA is available): d = 4096, 131 072 latents, k = 128, bf16 autocast, batches of 32 768
@@ -24,7 +33,8 @@ into a preallocated result; fp32 on the CPU, bf16 on a GPU), and each ratio is t
 machine). The *dense-encoder limit* is the baseline's FLOP/s over ``2·d·m`` FLOP per token: no step can
 beat its encoder product. The same pairs are then timed for a naive dense implementation at the same shape
 (top-k scattered into ``[n, m]``, dense decode, plain autograd through the normalisation, the same fused Adam;
-on a GPU over a smaller batch, reported per token), without DeepSpeed.
+on a GPU over a smaller batch, reported per token), without DeepSpeed, after one untimed warm-up step as
+the stage's step gets. The naive step has no AuxK term, so the speedup over it is if anything understated.
 
 Activations are random but shaped like a residual stream: a large mean offset, a 64-dimensional subspace
 with a decaying spectrum and isotropic noise, so the encoder's pre-activations spread as they do on real
@@ -72,13 +82,13 @@ class Setup:
     pairs: int
     naive_pairs: int
     naive_warmup_steps: int
-    """0 on the CPU: a naive step takes tens of seconds, its first one pays only for Adam's zeroed state."""
+    """Untimed naive steps first (1: both sides timed warm, Adam's state and the allocator's blocks exist)."""
     matmul_reps: int
     """Baseline products per timing (a GPU product is a few milliseconds)."""
 
 
 CPU = Setup(d_in=1024, num_latents=32768, k=64, batch_tokens=4096, naive_batch_tokens=4096,
-            warmup_steps=1, pairs=3, naive_pairs=1, naive_warmup_steps=0, matmul_reps=1)
+            warmup_steps=1, pairs=3, naive_pairs=1, naive_warmup_steps=1, matmul_reps=1)
 GPU = Setup(d_in=4096, num_latents=131072, k=128, batch_tokens=32768, naive_batch_tokens=4096,
             warmup_steps=3, pairs=10, naive_pairs=3, naive_warmup_steps=1, matmul_reps=5)
 
@@ -125,12 +135,20 @@ def _measure(setup: Setup, device: torch.device, t: TrainConfig) -> dict[str, An
     logger.info("b_dec from the first batch (%s)", t.b_dec_init)
     sae.init_b_dec(batches[0], method=t.b_dec_init)
     engine = stage.build_engine(bundle, t, world, total_steps=100_000)
-    dead = torch.zeros(m, dtype=torch.int64, device=device)
-    state = {"i": 0}
+    # pre-aged counters: a seeded DEAD_FRACTION of the latents past dead_tokens, so the step runs AuxK
+    dead_latents = timing.dead_latent_mask(m, seed=SEED, device=device)
+    aged = dead_latents.to(torch.int64) * (t.dead_tokens + 1)
+    dead = aged.clone()
+    num_dead = int(dead_latents.sum())
+    k_aux = min(t.k_aux or d // 2, num_dead) if t.auxk_alpha > 0 else 0  # as TopKSAE.forward
+    if k_aux == 0:
+        logger.warning("auxk_alpha = 0: the timed step runs no AuxK")
+    state: dict[str, Any] = {"i": 0, "auxk": None}
 
     def train_step() -> dict[str, timing.Timing]:
         x = batches[state["i"] % BATCHES]
         state["i"] += 1
+        dead.copy_(aged)  # the same dead share every step (the update below revives the latents that fire)
         parts = timing.Parts(sync)
         with parts("forward"):
             with torch.no_grad():
@@ -139,6 +157,7 @@ def _measure(setup: Setup, device: torch.device, t: TrainConfig) -> dict[str, An
             dead_mask = {variant.key: dead > t.dead_tokens}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss, outs = engine({HOOKPOINT: x}, dead_mask, {HOOKPOINT: variance}, t, world)
+            state["auxk"] = outs[variant.key][1]["auxk"].detach()
         with parts("backward"):
             engine.backward(loss)
         with parts("step"):
@@ -163,6 +182,17 @@ def _measure(setup: Setup, device: torch.device, t: TrainConfig) -> dict[str, An
     timing.timed(mm, sync)
     rows = timing.pairs(mm, train_step, setup.pairs, "train", sync)
     trained = timing.summarise(rows, n, flop_per_token, mm_flop)
+    auxk = {
+        "dead_fraction": timing.DEAD_FRACTION,
+        "dead_latents": num_dead,
+        "dead_tokens": t.dead_tokens,
+        "k_aux": k_aux,
+        "auxk_alpha": t.auxk_alpha,
+        "last_auxk_loss": float(state["auxk"]),
+        "in_timed_step": k_aux > 0,
+    }
+    logger.info("timed step includes AuxK: %s (%d of %d latents dead, k_aux %d, last AuxK loss %.4g)",
+                auxk["in_timed_step"], num_dead, m, k_aux, auxk["last_auxk_loss"])
     engine_info = {
         "zero_stage_configured": t.zero_stage,
         "zero_stage_used": int(engine.zero_optimization_stage()),
@@ -190,6 +220,7 @@ def _measure(setup: Setup, device: torch.device, t: TrainConfig) -> dict[str, An
         "torch_threads": torch.get_num_threads(),
         "thp_alloc": timing.thp_alloc_active() if device.type == "cpu" else None,
         "engine": engine_info,
+        "auxk": auxk,
         "matmul_dtype": "bfloat16" if autocast else "float32",
         "matmul_flop_per_s": matmul,
         "dense_encoder_limit_tokens_per_s": matmul / flop_per_token,
@@ -229,6 +260,8 @@ def _report(r: dict[str, Any]) -> str:
     lines = [
         f"train  d={s['d_in']} m={s['num_latents']} k={s['k']} batch={s['batch_tokens']} device={r['device']} "
         f"threads={r['torch_threads']} thp={r['thp_alloc']} engine={r['engine']}",
+        f"  AuxK in the timed step: {r['auxk']['in_timed_step']} ({r['auxk']['dead_fraction']:.0%} of latents "
+        f"dead, k_aux={r['auxk']['k_aux']})",
         f"  dense matmul ({r['matmul_dtype']})  {r['matmul_flop_per_s'] / 1e9:10.1f} GFLOP/s  "
         f"-> encoder limit {r['dense_encoder_limit_tokens_per_s']:10.0f} tok/s",
         f"  training step          {tr['tokens_per_s']:10.0f} tok/s  "
