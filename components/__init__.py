@@ -2,8 +2,9 @@
 
 Each component receives the whole run config as YAML text (so one schema governs the CLI, the components
 and the tests), the URIs of its inputs and the MLflow parent run id; it writes the URIs of its big outputs
-into small pointer artifacts. Components run in the images built from ``images/`` (``mmsae`` and ``kfp``
-preinstalled), so they install nothing at start.
+into small pointer artifacts. Components run in images with ``mmsae`` and ``kfp`` preinstalled, named at
+compile time by the variables below, so they install nothing at start; building those images is part of
+the cluster deployment, not of this package.
 """
 
 import os

@@ -77,7 +77,8 @@ class ConceptMatch:
     f1_precision: float | None = None
     f1_recall: float | None = None
     f1_iou: float | None = None
-    """IoU of the detector feature's maps with the concept's mask, over its top images that hold it."""
+    """IoU of the detector feature's maps with the concept's mask, over its top images that hold it (0 when
+    none of them does)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -194,9 +195,13 @@ def concept_matches(
         out.append(ConceptMatch(c, kind, f, h, top_k, h / top_k, iou, n_iou, base, len(tied)))
     if detectors:
         out = [replace(m, f1_feature=d.feature, f1=d.f1, f1_precision=d.precision, f1_recall=d.recall,
-                       f1_iou=iou_of(m.concept, d.feature)[0] if can_iou and d.feature in by_id else None)
+                       f1_iou=_or_zero(iou_of(m.concept, d.feature)[0]) if can_iou and d.feature in by_id else None)
                if (d := detectors.get(m.concept)) is not None else m for m in out]
     return out
+
+
+def _or_zero(x: float | None) -> float:
+    return 0.0 if x is None else x
 
 
 def _iou(heat: np.ndarray, mask: np.ndarray, threshold: float) -> float:
