@@ -118,7 +118,7 @@ def test_training_learns_planted_features_and_writes_sparsify_layout(tmp_path):
     f = result.figures
     assert f["heldout_fvu_image"] < 0.25, f
     assert f["heldout_fvu_text"] < 0.25, f
-    assert 0 <= f["dead_pct"] <= 100 and 0 <= f["heldout_dead_pct"] <= 100
+    assert 0 <= f["dead_pct"] <= 100 and 0 <= f["heldout_never_fired_pct"] <= 100
     cfg = json.loads((out / "layers.1" / "cfg.json").read_text())
     assert cfg["d_in"] == D and cfg["num_latents"] == 64 and cfg["k"] == 4
     tensors = load_file(out / "layers.1" / "sae.safetensors")

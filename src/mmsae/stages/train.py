@@ -555,7 +555,9 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self, bundle: SaeBundle) -> dict[str, dict[str, float]]:
         """Held-out FVU for image and text tokens separately (sums over the held-out rows of every shard), and
-        the share of latents that fire on no held-out token with the final weights."""
+        the share of latents that fire on no held-out token with the final weights (``heldout_never_fired_pct``:
+        it depends on how many tokens are held out; the mine stage counts it over the whole image set).
+        ``dead_pct`` beside it is the training criterion: no firing in the last ``train.dead_tokens`` tokens."""
         t = self.t
         err: dict[tuple[str, str], float] = {}
         fired = {v.key: torch.zeros(v.num_latents, dtype=torch.bool, device=self.device) for v in self.variants}
@@ -591,7 +593,7 @@ class Trainer:
             f = fired[v.key].to(torch.uint8)
             if self.world > 1:
                 torch.distributed.all_reduce(f, op=torch.distributed.ReduceOp.MAX)
-            res = {"heldout_dead_pct": 100.0 * float((f == 0).float().mean())}
+            res = {"heldout_never_fired_pct": 100.0 * float((f == 0).float().mean())}
             for kind in ("image", "text"):
                 st = sums.get((v.hookpoint, kind))
                 e = torch.tensor([err.get((v.key, kind), 0.0)], dtype=torch.float64, device=self.device)
