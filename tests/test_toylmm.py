@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -289,3 +290,57 @@ def test_default_image_token_count_stays_small():
         ids = processor(images=[im], text=[toy.PROMPT])["input_ids"][0]
         counts.add(sum(i == processor.tokenizer.image_token_id for i in ids))
     assert max(counts) <= 80 and len(counts) > 1
+
+
+def test_cached_rows_of_the_toy_world_point_at_the_pixels_the_processor_gave_their_patch(trained, tmp_path):
+    # Independent of the geometry code: the processor's own pixel tensor of each cached (view, row, col)
+    # must show what the original image shows inside that cell's box (patch_box), on toy images of varied
+    # sizes (AnyRes tiles with unpadding). Compared by mean colour, the images being flat-coloured shapes.
+
+    from mmsae import activations as A
+    from mmsae.config import RunConfig
+    from mmsae.data.images import load_image_set
+    from mmsae.models import load_lmm, patch_box
+    from mmsae.stages import cache
+    from mmsae.stages.common import model_prompt
+
+    _, model, _ = trained
+    world = tmp_path / "world"
+    toyworld.build(ToyWorldConfig(n_train=30, n_heldout=1, min_size=64, max_size=96, seed=5), world)
+    cfg = RunConfig()
+    cfg.tracking.enabled = False
+    cfg.run.workdir = str(tmp_path / "work")
+    cfg.cache = cfg.cache.model_copy(update={"image_set": str(world), "model": str(model), "split": "train",
+                                             "out": str(tmp_path / "acts"), "layers": [0], "num_workers": 0})
+    cache.run(cfg)
+    shards = A.ActivationShards(str(tmp_path / "acts"))
+    rows = {k: torch.cat([s[k] for s in shards.iter_shards()]) for k in ("image_idx", "view", "row", "col")}
+    lmm = load_lmm(model)
+    ip = lmm.processor.image_processor
+    mean, std = torch.tensor(ip.image_mean).view(3, 1, 1), torch.tensor(ip.image_std).view(3, 1, 1)
+    ds = load_image_set(str(world), "train")
+    patch = lmm.config.vision_config.patch_size
+    diffs, sizes, views = [], set(), set()
+    for i in range(len(ds)):
+        image = ds[i]["image"].convert("RGB")
+        sizes.add(image.size)
+        enc = lmm.processor(images=image, text=model_prompt(str(model)), return_tensors="pt")
+        pixels = enc["pixel_values"][0] * std + mean  # [views, 3, H, W] in [0, 1]
+        original = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+        background = original.flatten(1).median(1).values  # the shapes cover less than half of an image
+        mine = (rows["image_idx"] == i) & (rows["view"] >= 0)
+        assert int(mine.sum()) > 0
+        for v, r, c in zip(*(rows[k][mine].tolist() for k in ("view", "row", "col")), strict=True):
+            views.add(v)
+            x0, y0, x1, y1 = patch_box(lmm.family, lmm.config, (image.height, image.width), v, r, c, ip)
+            box = original[:, round(y0):round(y1), round(x0):round(x1)]
+            if box.shape[1] < 2 or box.shape[2] < 2:
+                continue  # a sliver of a cell (the processor's padding): nothing to compare
+            if float((box.mean((1, 2)) - background).abs().max()) < 0.1:
+                continue  # background only: any misplaced background cell would match as well
+            cell = pixels[v, :, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+            diffs.append(float((cell.mean((1, 2)) - box.mean((1, 2))).abs().max()))
+    assert len(sizes) > 1 and max(views) >= 1  # varied sizes, and tiles as well as the base view
+    diffs = np.asarray(diffs)
+    assert len(diffs) >= 20
+    assert np.median(diffs) < 0.03 and np.quantile(diffs, 0.9) < 0.1, (np.median(diffs), np.quantile(diffs, 0.9))
