@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,47 @@ def test_stream_batches_do_not_depend_on_world_size(tmp_path):
     # every training row at most once per epoch; the two epochs differ in order
     per_epoch = len(one) // 2
     assert not torch.equal(one[0], one[per_epoch])
+
+
+def _shared_stream_rank(rank: int, world: int, init: str, uri: str, out: str) -> None:
+    """One rank of a gloo group streaming with shared reads: saves its batches and the shards it read."""
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        shards = A.ActivationShards(uri)
+        read: list[str] = []
+        real_read = shards.read
+
+        def counting(ref):
+            read.append(ref.name)
+            return real_read(ref)
+
+        shards.read = counting
+        stream = A.BatchStream(shards, ["layers.1", "layers.2"], 64, epochs=2, seed=3, window_shards=3,
+                               heldout_fraction=0.1, rank=rank, world=world,
+                               group=torch.distributed.new_group(backend="gloo"))
+        batches = [{h: x.clone() for h, x in b.items()} for _, b in stream.iterate()]
+        torch.save({"batches": batches, "read": read}, f"{out}-{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_shared_reads_give_each_rank_its_slices_and_read_each_shard_once(tmp_path):
+    import torch.multiprocessing as mp
+
+    uri = make_shards(str(tmp_path / "acts"), n_shards=7, hookpoints=("layers.1", "layers.2"))
+    shards = A.ActivationShards(uri)
+    one = [b for _, b in A.BatchStream(shards, ["layers.1", "layers.2"], 64, epochs=2, seed=3, window_shards=3,
+                                        heldout_fraction=0.1).iterate()]
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_shared_stream_rank, args=(2, init, uri, str(tmp_path / "rank")), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"rank-{r}.pt") for r in range(2)]
+    assert len(one) == len(got[0]["batches"]) == len(got[1]["batches"]) > 5
+    for g, a, b in zip(one, got[0]["batches"], got[1]["batches"], strict=True):
+        for h in ("layers.1", "layers.2"):
+            assert torch.equal(g[h], torch.cat([a[h], b[h]]))
+    # each shard read once per epoch by one rank (not once per rank): 2 epochs x 2 hook points x 7 shards
+    reads = Counter(got[0]["read"] + got[1]["read"])
+    assert len(reads) == 14 and set(reads.values()) == {2} and got[0]["read"] and got[1]["read"]
 
 
 def test_stream_resumes_mid_window(tmp_path):

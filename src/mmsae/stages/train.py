@@ -6,9 +6,10 @@ Reads: an activation-shard artifact (``train.shards``). Writes to ``train.out``:
 manifest of kind ``sae`` written last.
 
 One process or many: started in-process for one rank, or by the ``deepspeed`` launcher / ``torchrun``
-(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); nothing assumes SSH. Every rank reads the
-same windows of shards and trains on its slice of each global batch; the losses are normalised by the
-global batch's variance, so W ranks compute the same step as one rank with the same global batch.
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); nothing assumes SSH. Each shard of a window is
+read by one rank and the rows are exchanged (a gloo group of the data stream's own), so every rank trains
+on its slice of each global batch while storage is read once; the losses are normalised by the global
+batch's variance, so W ranks compute the same step as one rank with the same global batch.
 Several SAEs (a sweep over width and k, or several hook points) train from one pass over the data.
 """
 
@@ -366,6 +367,13 @@ class Trainer:
         raise TrainError(f"{storage.join(self.t.out, STATE_DIR)} holds a training state this run cannot resume: {why}. "
                          f"Rerun with the old settings, or give train.out another place (or delete that state).")
 
+    def _data_group(self):
+        """A gloo group of all ranks for the data stream's reading thread (its exchanges of rows run beside
+        the training step's collectives, so they need a group of their own); None with one rank."""
+        if self.world == 1:
+            return None
+        return torch.distributed.new_group(backend="gloo")
+
     def _barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
@@ -424,7 +432,7 @@ class Trainer:
         stream = A.BatchStream(
             self.shards, self.hookpoints, t.batch_size, epochs=t.epochs, seed=t.seed,
             window_shards=t.window_shards, rank=self.rank, world=self.world, tokens=t.tokens,
-            heldout_fraction=t.heldout_fraction,
+            heldout_fraction=t.heldout_fraction, group=self._data_group(),
         )
         total_steps = min(t.max_steps or 10**18, stream.estimated_steps())
         state_dir = self._state_dir()
@@ -435,7 +443,9 @@ class Trainer:
             self._check_resume_key(state_dir)
         if not resuming and not t.init_from:
             # b_dec from the first global batch, before the optimizer copies the weights
-            _, first = next(stream.iterate(), (None, None))
+            batches = stream.iterate()
+            _, first = next(batches, (None, None))
+            batches.close()  # now, on every rank: its reading thread's collectives must not overlap the next
             if first is None:
                 raise TrainError(f"{t.shards} holds fewer training tokens than one batch of {t.batch_size}")
             self._init_b_dec(bundle, {h: x.to(self.device) for h, x in first.items()})
