@@ -449,7 +449,9 @@ class TopKSAE(nn.Module):
         """AuxK's reconstruction of the residual from the top ``k_aux`` dead latents (no ``b_dec``), computed
         with dense products over the dead latents' rows only; the same function as the sparse path."""
         rows = dead.nonzero().squeeze(1)
-        pre = F.linear(y - self.b_dec, self.encoder.weight.index_select(0, rows), self.encoder.bias.index_select(0, rows))
+        w_enc = self.encoder.weight.index_select(0, rows)
+        # (y - b_dec) W^T + b as y W^T - (b_dec W^T - b): b_dec's gradient then needs no [n, d] product
+        pre = F.linear(y, w_enc) - F.linear(self.b_dec, w_enc, -self.encoder.bias.index_select(0, rows))
         vals, pos = pre.topk(k_aux, dim=1, sorted=False)
         z = torch.zeros_like(pre).scatter(1, pos, vals.relu())
         w = self.W_dec.index_select(0, rows)
