@@ -462,25 +462,29 @@ class Trainer:
 
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=self.rank != 0)
         t0, tokens0 = time.perf_counter(), tokens_seen
-        for position, batch in stream.iterate(stream_state):
-            if step >= total_steps:
-                break
-            stream_state = position
-            batch = {h: x.to(self.device, non_blocking=True) for h, x in batch.items()}
-            variance = {h: global_variance(x, self.world) for h, x in batch.items()}
-            dead_mask = {k: c > t.dead_tokens for k, c in dead.items()}
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                loss, outs = engine(batch, dead_mask, variance, t, self.world)
-            engine.backward(loss)
-            engine.step()
-            self._update_dead(bundle, outs, dead)
-            step += 1
-            tokens_seen += t.batch_size
-            bar.update(1)
-            if step % t.log_every == 0 or step == total_steps:
-                self._log(step, outs, dead, engine, tokens_seen - tokens0, time.perf_counter() - t0)
-            if step % t.checkpoint_every == 0:
-                self._checkpoint(engine, state_dir, step, tokens_seen, stream_state, dead)
+        batches = stream.iterate(stream_state)
+        try:
+            for position, batch in batches:
+                if step >= total_steps:
+                    break
+                stream_state = position
+                batch = {h: x.to(self.device, non_blocking=True) for h, x in batch.items()}
+                variance = {h: global_variance(x, self.world) for h, x in batch.items()}
+                dead_mask = {k: c > t.dead_tokens for k, c in dead.items()}
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    loss, outs = engine(batch, dead_mask, variance, t, self.world)
+                engine.backward(loss)
+                engine.step()
+                self._update_dead(bundle, outs, dead)
+                step += 1
+                tokens_seen += t.batch_size
+                bar.update(1)
+                if step % t.log_every == 0 or step == total_steps:
+                    self._log(step, outs, dead, engine, tokens_seen - tokens0, time.perf_counter() - t0)
+                if step % t.checkpoint_every == 0:
+                    self._checkpoint(engine, state_dir, step, tokens_seen, stream_state, dead)
+        finally:
+            batches.close()  # at the same point on every rank: the reading thread's exchanges end here
         bar.close()
         self._checkpoint(engine, state_dir, step, tokens_seen, stream_state, dead)
         figures = self._finish(bundle, step, tokens_seen, dead)
