@@ -593,10 +593,23 @@ def _seal(c: CacheConfig, chash: str, fingerprint: str, world: int, hook_names: 
         raise CacheError(f"ranks {not_done} did not finish; rerun to resume them")
     files: dict[str, dict[str, Any]] = {}
     shards: dict[str, list[dict[str, Any]]] = {h: [] for h in hook_names}
-    images: list[list[int]] = []
     skipped: list[dict[str, Any]] = []
     dims: dict[str, int] = {}
-    with ThreadPoolExecutor(max_workers=8) as pool:  # many small reads: overlap their latency on S3
+    n_images, last = 0, -1
+    digest, size = hashlib.sha256(), 0
+
+    def emit(fh, text: str) -> None:
+        nonlocal size
+        data = text.encode()
+        fh.write(data)
+        digest.update(data)
+        size += len(data)
+
+    # images.json is written as the records stream by (ranks hold ascending contiguous blocks, their sets
+    # follow each other), so sealing holds one record at a time, not a list of every image
+    with storage.atomic_writer(storage.join(c.out, IMAGES_FILE)) as fh, \
+            ThreadPoolExecutor(max_workers=8) as pool:  # many small reads: overlap their latency on S3
+        emit(fh, '{"images": [')
         for r, p in enumerate(ranks):
             uris = [_record_uri(c.out, r, i) for i in range(p.next_shard)]
             for uri, rec in zip(uris, pool.map(storage.read_json, uris), strict=True):
@@ -607,21 +620,24 @@ def _seal(c: CacheConfig, chash: str, fingerprint: str, world: int, hook_names: 
                     if dims.setdefault(h, d) != d:
                         raise CacheError(f"{uri} records width {d} for hook point {h}, but earlier shard "
                                          f"sets hold width {dims[h]}")
-                images.extend(rec["images"])
+                for entry in rec["images"]:
+                    if int(entry[0]) <= last:
+                        raise CacheError(f"{uri} lists image {entry[0]} after image {last}: the ranks' records "
+                                         f"of {c.out} overlap; delete the folder and cache again")
+                    emit(fh, (", " if n_images else "") + json.dumps(entry))
+                    last, n_images = int(entry[0]), n_images + 1
                 skipped.extend(rec["skipped"])
             skipped.extend(p.skipped)
-    images.sort()
-    if not images:
-        raise CacheError(
-            f"image set {c.image_set} has no usable image: all {len(skipped)} images failed to decode "
-            f"(first: {skipped[0]['error'] if skipped else 'none'})"
-        )
-    images_blob = json.dumps({"images": images, "skipped": skipped}, sort_keys=True).encode()
-    storage.write_bytes(storage.join(c.out, IMAGES_FILE), images_blob)
-    files[IMAGES_FILE] = {"sha256": hashlib.sha256(images_blob).hexdigest(), "bytes": len(images_blob)}
+        if not n_images:
+            raise CacheError(
+                f"image set {c.image_set} has no usable image: all {len(skipped)} images failed to decode "
+                f"(first: {skipped[0]['error'] if skipped else 'none'})"
+            )
+        emit(fh, '], "skipped": ' + json.dumps(skipped, sort_keys=True) + "}")
+    files[IMAGES_FILE] = {"sha256": digest.hexdigest(), "bytes": size}
     total_rows = sum(s["rows"] for s in shards[hook_names[0]])
     figures = {
-        "images": len(images),
+        "images": n_images,
         "images_skipped": len(skipped),
         "tokens": total_rows,
         "shards": len(shards[hook_names[0]]),
