@@ -35,14 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info("benchmark %s", name)
         module = importlib.import_module(f"bench.{name}")
         try:
-            result = module.main(out)
+            result = module.main()
         except Exception:
             log.exception("benchmark %s failed", name)
             failed.append(name)
             continue
-        path = out / f"{name}.json"
-        if not path.exists():
-            path.write_text(json.dumps(result, indent=2, sort_keys=True))
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         sys.stdout.write(f"{name}: {json.dumps(result, sort_keys=True)}\n")
     return 1 if failed else 0
 

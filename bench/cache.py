@@ -1,7 +1,7 @@
 """Caching benchmark: the cache stage's wall time over the bare forward pass on the same batches.
 
 Reads nothing; writes a tiny LLaVA-NeXT, a generated image set and the stage's shards into a temporary
-folder (removed afterwards), and ``<out_dir>/cache.json`` with the figures.
+folder (removed afterwards); returns the figures (``python -m bench`` writes them to ``cache.json``).
 
 Timed side by side in one run, interleaved over `REPS` repetitions (the order rotates every repetition),
 summarised by medians:
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import shutil
 import statistics
@@ -181,7 +180,7 @@ def _seconds(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def main(out_dir: Path) -> dict[str, Any]:
+def main() -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(TORCH_THREADS)
     try:
@@ -189,9 +188,6 @@ def main(out_dir: Path) -> dict[str, Any]:
             result = _measure(Path(tmp))
     finally:
         torch.set_num_threads(threads)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "cache.json").write_text(json.dumps(result, indent=2, sort_keys=True))
     log.info("stage / full forward %.3f (goal <= %.2f), stage / truncated forward %.3f; without a worker "
              "%.3f / %.3f", result["stage_over_forward_full"], GOAL, result["stage_over_forward_truncated"],
              result["stage_workers_0_over_forward_full"], result["stage_workers_0_over_forward_truncated"])

@@ -1,7 +1,7 @@
 """Mining benchmark: the mine stage's streaming miner against the bare SAE encode, and its memory as images double.
 
 Reads nothing; writes generated activation shards and a random SAE into a temporary folder (removed
-afterwards), and ``<out_dir>/mine.json`` with the figures.
+afterwards); returns the figures (``python -m bench`` writes them to ``mine.json``).
 
 Throughput, timed side by side in one run, interleaved over `REPS` repetitions (the order alternates),
 summarised by medians; both read the same shards from disk (checksums, decoding, image-token filter) and
@@ -215,7 +215,7 @@ def peak_rss(shards_uri: str, sae_path: str, root: Path) -> dict[str, Any]:
     return {"peak_rss_mib": info["vm_hwm_kib"] / 1024, "start_rss_mib": info["start_hwm_kib"] / 1024, **info}
 
 
-def main(out_dir: Path) -> dict[str, Any]:
+def main() -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(TORCH_THREADS)
     try:
@@ -223,9 +223,6 @@ def main(out_dir: Path) -> dict[str, Any]:
             result = _measure(Path(tmp))
     finally:
         torch.set_num_threads(threads)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "mine.json").write_text(json.dumps(result, indent=2, sort_keys=True))
     mem = result["memory"]
     log.info("mine / encode throughput %.3f (goal >= %.2f; CPU time %.3f); child peak RSS (VmHWM) %.0f MiB at "
              "%d images, %.0f MiB at %d (ratio %.3f; %.0f / %.0f MiB before mining); mining state ratio %.3f",

@@ -1,6 +1,6 @@
 """One TopK SAE training step on this CPU against the machine's dense matmul throughput, side by side.
 
-Writes ``<out_dir>/sae_step.json`` and prints the figures. Reads nothing.
+Logs the figures and returns them (``python -m bench`` writes them to ``sae_step.json``). Reads nothing.
 
 At d = 1024, num_latents = 32 768, k = 64 and a batch of 4096 tokens it measures, in one run:
 
@@ -28,11 +28,8 @@ page faults.
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,10 +64,8 @@ def _fast_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: Tensor, dead_mask: T
     return out.auxk_loss.detach()
 
 
-def main(out_dir: str | Path = "bench-output") -> dict[str, Any]:
-    """Run the benchmark (about 1–2 minutes on 2 busy cores), write ``sae_step.json``, return the figures."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def main() -> dict[str, Any]:
+    """Run the benchmark (about 1–2 minutes on 2 busy cores) and return the figures."""
     torch.manual_seed(0)
     n, d, m, k = BATCH, D_IN, NUM_LATENTS, K
     flop_per_token = 2.0 * d * m  # the encoder product
@@ -113,8 +108,8 @@ def main(out_dir: str | Path = "bench-output") -> dict[str, Any]:
         "goal_fraction": 0.6,
         "pairs": {"fast": fast, "naive": slow},
     }
-    (out_dir / "sae_step.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    print(
+    logger.info(
+        "\n"
         f"sae_step  d={d} m={m} k={k} batch={n} threads={result['torch_threads']} thp={result['thp_alloc']}\n"
         f"  AuxK in the timed step ({timing.DEAD_FRACTION:.0%} of latents dead, k_aux={k_aux})\n"
         f"  dense matmul           {matmul_flops / 1e9:8.1f} GFLOP/s  "
@@ -128,8 +123,3 @@ def main(out_dir: str | Path = "bench-output") -> dict[str, Any]:
         f"  fast / naive           {result['fast_over_naive_speedup']:8.1f}x"
     )
     return result
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main(sys.argv[1] if len(sys.argv) > 1 else "bench-output")

@@ -1,6 +1,7 @@
 """The train stage's real training step against the machine's dense matmul throughput, side by side.
 
-Writes ``<out_dir>/train.json`` and prints the figures. Reads nothing (the activations are generated).
+Logs the figures and returns them (``python -m bench`` writes them to ``train.json``). Reads nothing (the
+activations are generated).
 
 The step is the one :mod:`mmsae.stages.train` runs: the stage's :class:`~mmsae.stages.train.SaeBundle`
 (decoder rows normalised in the forward pass) in the DeepSpeed engine of
@@ -43,11 +44,8 @@ data and top-k sees distinct winners; ``BATCHES`` different batches are cycled.
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -285,24 +283,16 @@ def _report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(out_dir: str | Path = "bench-output", device: str | None = None) -> dict[str, Any]:
-    """Run the benchmark (2-3 minutes on 2 busy cores), write ``train.json``, return the figures.
+def main(device: str | None = None) -> dict[str, Any]:
+    """Run the benchmark (2-3 minutes on 2 busy cores) and return the figures.
 
     ``device``: ``cpu`` or ``cuda[:N]``; default a GPU when CUDA is available (its configuration), else the CPU.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     result = measure(GPU if dev.type == "cuda" else CPU, dev)
-    (out_dir / "train.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    print(_report(result))
+    logger.info("\n%s", _report(result))
     return result
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main(sys.argv[1] if len(sys.argv) > 1 else "bench-output")

@@ -754,16 +754,7 @@ def local_copy(uri: URI) -> Iterator[Path]:
     name = Path(key.rstrip("/")).name or bucket
     with tempfile.TemporaryDirectory(prefix="mmsae-copy-") as tmpdir:
         target = Path(tmpdir) / name
-        client = s3_client()
-        is_object = False
-        if key and not key.endswith("/"):
-            try:
-                with _s3_errors(client, uri, "check"):
-                    client.head_object(Bucket=bucket, Key=key)
-                is_object = True
-            except StorageNotFoundError:
-                is_object = False
-        if is_object:
+        if _s3_object_exists(s3_client(), uri, bucket, key) is not None:
             download_file(uri, target)
         else:
             download_dir(uri, target)

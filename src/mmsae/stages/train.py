@@ -405,17 +405,21 @@ class Trainer:
             if self.rank == 0:
                 storage.upload_file(local / RESUME_KEY, storage.join(remote, RESUME_KEY))
                 storage.write_text(storage.join(remote, "latest"), tag)
-        old = sorted(p.name for p in local.glob("step*") if p.is_dir() and p.name != tag)
-        old = old[: max(0, len(old) - (self.t.keep_checkpoints - 1))]
         if self.local_rank == 0:
-            for name in old:
+            tags = [p.name for p in local.iterdir() if p.is_dir()]
+            for name in self._older_states(tags, tag):
                 shutil.rmtree(local / name, ignore_errors=True)
         if storage.is_s3(self.t.out) and self.rank == 0:
-            stale = {n.split("/", 1)[0] for n in storage.list_files(remote)} - {tag, "latest", RESUME_KEY}
-            keep = sorted(stale)[-(self.t.keep_checkpoints - 1):] if self.t.keep_checkpoints > 1 else []
-            for name in sorted(stale - set(keep)):
-                for f in storage.list_files(storage.join(remote, name)):
-                    storage.delete(storage.join(remote, name, f))
+            files = storage.list_files(remote)
+            drop = self._older_states({f.split("/", 1)[0] for f in files}, tag)
+            for f in files:
+                if f.split("/", 1)[0] in drop:
+                    storage.delete(storage.join(remote, f))
+
+    def _older_states(self, names, tag: str) -> set[str]:
+        """The state tags among ``names`` to delete once ``tag`` is saved: all but the newest kept ones."""
+        older = sorted(n for n in names if n.startswith("step") and n != tag)
+        return set(older[: max(0, len(older) - (self.t.keep_checkpoints - 1))])
 
     # -- loop -------------------------------------------------------------------------------------------
 
