@@ -8,7 +8,7 @@ summarised by medians; both read the same shards from disk (checksums, decoding,
 encode in the same batches of whole images:
 
 * ``encode``: ``sae.encode`` on every image token, nothing kept;
-* ``mine``: the same plus what the mine stage does with the codes (:class:`mmsae.stages.mine.Miner`):
+* ``mine``: the same plus what the mine stage does with the codes (:class:`mmsae.mining.Miner`):
   frequencies, per-feature top-K by max score, quantile pool, negatives, token maps, then ``finish``.
   The goal is ``encode_seconds / mine_seconds >= 0.8`` on wall-clock medians; the same ratio of CPU
   seconds is reported beside it, as it moves less when other processes share the machine.
@@ -25,6 +25,14 @@ goal is a flat peak (``rss_ratio`` near 1).
 The data: `D`-wide activations of `TOKENS_PER_IMAGE` image tokens per image (a base view and three
 tiles of 4x4 cells, with image-newline tokens), stored in float16 as the cache stage can; an SAE of
 `LATENTS` latents with k = `K`. The SAE encode is the bulk of the work, as it is for a real LMM and SAE.
+
+Artifact sizes (``pages``): generated photographs of `PHOTO_SIZES` (100 to 1400 pixels a side) as an
+image set, cached through a tiny LLaVA-NeXT, mined with a random SAE of `PHOTO_LATENTS` latents (heat maps
+of the top `PHOTO_TOP_K` images of every feature, at the default ``mine.heatmap_max_side``), then rendered
+by the report stage with every feature in detail: ``heatmap_bytes_per_feature`` (the overlay and masked
+PNGs of a feature that fires) and ``dashboard_bytes_per_detailed_feature`` (the page's bytes over its
+detailed features), beside ``full_size_png_bytes_per_image``, the bytes of one photograph as a PNG at its
+own size (what each heat map took before heat maps were bounded).
 """
 
 from __future__ import annotations
@@ -59,6 +67,11 @@ GRID = 4
 VIEWS = 4
 TOKENS_PER_IMAGE = VIEWS * GRID * GRID + 2 * GRID  # base + 3 tiles, plus a newline per merged tile row
 SEED = 0
+PHOTO_SIZES = ((1400, 1050), (1000, 872), (872, 1000), (1280, 320), (320, 1280), (800, 800), (640, 480),
+               (480, 640), (400, 300), (240, 320), (160, 120), (100, 140))
+"""(width, height) of the generated photographs."""
+PHOTO_LATENTS = 32
+PHOTO_TOP_K = 5
 
 
 def _layout() -> dict[str, torch.Tensor]:
@@ -138,10 +151,18 @@ def _stream(shards_uri: str):
         yield {c: v[keep] for c, v in cols.items()}
 
 
-def encode_only(shards_uri: str, sae) -> int:
-    from mmsae.stages.mine import Miner
+def mine_settings(**changes: Any):
+    """The mine settings of the benchmark: the config's defaults with ``TOP_K``, ``BATCH_ROWS`` and ``SEED``."""
+    from mmsae.config import MineConfig
 
-    batcher = Miner(LATENTS, top_k=1, n_quantiles=0, n_random=0)  # only for its batching of whole images
+    return MineConfig(**{"top_k": TOP_K, "batch_rows": BATCH_ROWS, "seed": SEED, **changes})
+
+
+def encode_only(shards_uri: str, sae) -> int:
+    from mmsae.mining import Miner
+
+    # only for its batching of whole images
+    batcher = Miner.from_config(mine_settings(top_k=1, n_quantiles=0, n_random=0), LATENTS)
     rows = 0
     with torch.inference_mode():
         for cols in _stream(shards_uri):
@@ -152,9 +173,9 @@ def encode_only(shards_uri: str, sae) -> int:
 
 
 def mine_all(shards_uri: str, sae) -> Any:
-    from mmsae.stages.mine import Miner
+    from mmsae.mining import Miner
 
-    miner = Miner(LATENTS, top_k=TOP_K, n_quantiles=5, quantile_examples=1, quantile_pool=2, n_random=5, seed=SEED)
+    miner = Miner.from_config(mine_settings(n_quantiles=5, quantile_examples=1, quantile_pool=2, n_random=5), LATENTS)
 
     def encode(x: torch.Tensor):
         out = sae.encode(x.to(sae.dtype))
@@ -221,6 +242,7 @@ def main() -> dict[str, Any]:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-mine-") as tmp:
             result = _measure(Path(tmp))
+            result["pages"] = page_sizes(Path(tmp) / "pages")
     finally:
         torch.set_num_threads(threads)
     mem = result["memory"]
@@ -229,6 +251,11 @@ def main() -> dict[str, Any]:
              result["mine_over_encode_throughput"], GOAL, result["mine_over_encode_throughput_cpu"],
              mem["n"]["peak_rss_mib"], N_IMAGES, mem["2n"]["peak_rss_mib"], 2 * N_IMAGES, mem["rss_ratio"],
              mem["n"]["start_rss_mib"], mem["2n"]["start_rss_mib"], mem["state_ratio"])
+    pages = result["pages"]
+    log.info("heat maps: %.0f KiB per feature (%.0f KiB per PNG; a photograph as a full-size PNG: %.0f KiB); "
+             "dashboard: %.0f KiB per detailed feature", pages["heatmap_bytes_per_feature"] / 1024,
+             pages["heatmap_bytes_per_png"] / 1024, pages["full_size_png_bytes_per_image"] / 1024,
+             pages["dashboard_bytes_per_detailed_feature"] / 1024)
     return result
 
 
@@ -276,4 +303,73 @@ def _measure(root: Path) -> dict[str, Any]:
                   "latents": LATENTS, "k": K, "top_k": TOP_K, "batch_rows": BATCH_ROWS, "reps": REPS,
                   "torch_threads": TORCH_THREADS, "shard_dtype": "float16",
                   "images_per_shard": IMAGES_PER_SHARD},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# artifact sizes on photographs
+
+
+def photo(width: int, height: int, seed: int):
+    """A photograph-like image: smooth colour fields, blurred shapes and sensor noise."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize((width, height),
+                                                                                   Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(8):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        r = int(rng.integers(max(width, height) // 16 + 1, max(width, height) // 5 + 2))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    img = img.filter(ImageFilter.GaussianBlur(2))
+    noisy = np.asarray(img, np.float32) + rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def page_sizes(root: Path) -> dict[str, Any]:
+    """Heat-map bytes per feature and dashboard bytes per detailed feature on generated photographs."""
+    from mmsae import storage
+    from mmsae.config import MineConfig, RunConfig
+    from mmsae.heatmaps import png_bytes
+    from mmsae.models import save_tiny
+    from mmsae.sae.checkpoint import save_sae
+    from mmsae.sae.model import SaeConfig, TopKSAE
+    from mmsae.stages import cache, mine, report
+
+    t0 = time.perf_counter()
+    photos = root / "photos"
+    photos.mkdir(parents=True)
+    full_png = []
+    for n, (width, height) in enumerate(PHOTO_SIZES):
+        img = photo(width, height, SEED + n)
+        img.save(photos / f"photo-{n:02d}.jpg", quality=90)
+        full_png.append(len(png_bytes(img)))
+    cfg = RunConfig()
+    cfg.tracking.enabled = False
+    cfg.run.workdir = str(root / "work")
+    model = str(save_tiny("llava_next", root / "lmm", text_layers=1))
+    cfg.cache = cfg.cache.model_copy(update={"image_set": str(photos), "model": model, "layers": [0],
+                                             "num_workers": 0})
+    cache.run(cfg)
+    torch.manual_seed(SEED)
+    save_sae(TopKSAE(SaeConfig(d_in=64, num_latents=PHOTO_LATENTS, k=4)), str(root / "work" / "train" / "layers.0"))
+    cfg.mine = MineConfig(top_k=PHOTO_TOP_K, seed=SEED)
+    mined = mine.run(cfg)
+    manifest = storage.read_manifest(mined.uri)
+    heatmaps = [e.bytes for name, e in manifest.files.items() if name.startswith("heatmaps/")]
+    with_maps = len({name.split("/")[1] for name in manifest.files if name.startswith("heatmaps/")})
+    cfg.report.max_detail_features = PHOTO_LATENTS
+    page = report.run(cfg)
+    return {
+        "photos": len(PHOTO_SIZES), "photo_sizes": [list(s) for s in PHOTO_SIZES], "features": PHOTO_LATENTS,
+        "features_with_heatmaps": with_maps, "top_k": PHOTO_TOP_K, "heatmap_max_side": cfg.mine.heatmap_max_side,
+        "heatmap_pngs": len(heatmaps), "heatmap_bytes_per_png": sum(heatmaps) / max(1, len(heatmaps)),
+        "heatmap_bytes_per_feature": sum(heatmaps) / max(1, with_maps),
+        "full_size_png_bytes_per_image": sum(full_png) / len(full_png),
+        "dashboard_bytes": page.figures["report_bytes"], "features_detailed": page.figures["features_detailed"],
+        "dashboard_bytes_per_detailed_feature": page.figures["bytes_per_detailed_feature"],
+        "image_width": cfg.report.image_width, "images_per_feature": cfg.report.images_per_feature,
+        "seconds": time.perf_counter() - t0,
     }

@@ -3,14 +3,21 @@
 Logs the figures and returns them (``python -m bench`` writes them to ``train.json``). Reads nothing (the
 activations are generated).
 
-The step is the one :mod:`mmsae.stages.train` runs: the stage's :class:`~mmsae.stages.train.SaeBundle`
+The step is the one :mod:`mmsae.stages.train` runs: :class:`~mmsae.training.engine.SaeBundle`
 (decoder rows normalised in the forward pass) in the DeepSpeed engine of
-:func:`~mmsae.stages.train.build_engine` (the config's ZeRO stage, one rank set up in-process by the stage's
-``process_group``, torch's fused Adam, the LR schedule), with the stage's default
+:func:`~mmsae.training.engine.build_engine` (the config's ZeRO stage, one rank set up in-process by
+:func:`~mmsae.training.engine.process_group`, torch's fused Adam, the LR schedule), with the stage's default
 :class:`~mmsae.config.TrainConfig` apart from the shape. Per step it times what the stage's loop does:
 the batch variance and dead-latent mask, ``engine(batch, ...)`` (under bf16 autocast on a GPU),
 ``engine.backward``, ``engine.step`` and the dead-latent counters, reported as the parts ``forward``,
 ``backward`` and ``step``.
+
+With one rank the stage's engine uses ZeRO stage 0 and no gradient all-reduce, whatever the config says
+(``zero_stage_used`` in ``train.json``). Measured here on the CPU at the CPU shape below, ZeRO-2 on one rank
+added ~0.95 s of CPU time to a 5 s step (every gradient copied into its flat buffers during backward, the fp32
+partition copied back after the update) and stage 0's all-reduce of a one-member group ~0.65 s (all gradients
+flattened into one buffer and copied back): together the difference between ~55 % and ~63 % of the
+dense-encoder limit.
 
 The timed step includes AuxK. The stage's counters start at 0, and a latent is dead only after
 ``train.dead_tokens`` (10 M) tokens without firing, so a benchmark starting from zeros would never run the
@@ -53,7 +60,7 @@ from torch import Tensor
 
 from bench import _timing as timing  # sets the huge-page switch before large allocations
 from mmsae.config import TrainConfig
-from mmsae.stages import train as stage
+from mmsae.training import engine as training_engine
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +117,7 @@ def measure(setup: Setup, device: torch.device, precision: str = "auto") -> dict
     """Time the stage's training step inside the stage's one-rank process group; see :func:`_measure`."""
     t = TrainConfig(num_latents=setup.num_latents, k=setup.k, batch_size=setup.batch_tokens,
                     device=str(device), precision=precision)
-    with stage.process_group(t):
+    with training_engine.process_group(t):
         return _measure(setup, device, t)
 
 
@@ -126,13 +133,13 @@ def _measure(setup: Setup, device: torch.device, t: TrainConfig) -> dict[str, An
     sync = timing.cuda_sync(device)
 
     batches = residual_like(n, d, BATCHES, device)
-    variant = stage.Variant("", HOOKPOINT, m, k, t.lr or stage.default_lr(m))
+    variant = training_engine.Variant("", HOOKPOINT, m, k, t.lr or training_engine.default_lr(m))
     torch.manual_seed(t.seed)
-    bundle = stage.SaeBundle([variant], d, t).to(device)
+    bundle = training_engine.SaeBundle([variant], d, t).to(device)
     sae = bundle.saes[variant.key]
     logger.info("b_dec from the first batch (%s)", t.b_dec_init)
     sae.init_b_dec(batches[0], method=t.b_dec_init)
-    engine = stage.build_engine(bundle, t, world, total_steps=100_000)
+    engine = training_engine.build_engine(bundle, t, world, total_steps=100_000)
     # pre-aged counters: a seeded DEAD_FRACTION of the latents past dead_tokens, so the step runs AuxK
     dead_latents = timing.dead_latent_mask(m, seed=SEED, device=device)
     aged = dead_latents.to(torch.int64) * (t.dead_tokens + 1)

@@ -16,6 +16,7 @@ def cache(
     metrics: Output[Metrics],
 ):
     """Cache activations (see ``mmsae.stages.cache``); ``shards`` points to the shard artifact's URI."""
+    from mmsae.components.metrics import log_figures
     from mmsae.components.pointers import read_pointer, write_pointer
     from mmsae.config import config_from_yaml
     from mmsae.stages import cache as stage
@@ -27,5 +28,4 @@ def cache(
         parent_run_id=parent_run_id or None,
     )
     write_pointer(shards, out.uri)
-    for name, value in out.figures.items():
-        metrics.log_metric(name, value)
+    log_figures(metrics, out.figures)

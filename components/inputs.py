@@ -20,11 +20,16 @@ def inputs(
 ):
     """Point ``image_set`` and ``lmm`` at the configured URIs, or at a freshly built toy world."""
     from mmsae import storage
+    from mmsae.components.metrics import log_figures
     from mmsae.components.pointers import write_pointer
     from mmsae.config import config_from_yaml
     from mmsae.stages import toyworld
 
     cfg = config_from_yaml(config_yaml)
+    if bool(cfg.cache.image_set) != bool(cfg.cache.model):
+        given, missing = ("cache.image_set", "cache.model") if cfg.cache.image_set else ("cache.model",
+                                                                                         "cache.image_set")
+        raise ValueError(f"{given} is set but {missing} is empty: give both, or neither for the toy world")
     if cfg.cache.image_set and cfg.cache.model:
         for what, uri in (("cache.image_set", cfg.cache.image_set), ("cache.model", cfg.cache.model)):
             if not storage.exists(uri):
@@ -33,7 +38,6 @@ def inputs(
         write_pointer(lmm, cfg.cache.model)
         return
     out = toyworld.run(cfg, parent_run_id=parent_run_id or None)
-    write_pointer(image_set, out.image_set_uri)
-    write_pointer(lmm, out.lmm_uri)
-    for name, value in out.figures.items():
-        metrics.log_metric(name, value)
+    write_pointer(image_set, out.uri)
+    write_pointer(lmm, out.uris["lmm"])
+    log_figures(metrics, out.figures)

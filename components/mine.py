@@ -16,6 +16,7 @@ def mine(
     metrics: Output[Metrics],
 ):
     """Mine top examples (see ``mmsae.stages.mine``); ``top_examples`` points to the artifact's URI."""
+    from mmsae.components.metrics import log_figures
     from mmsae.components.pointers import read_pointer, write_pointer
     from mmsae.config import config_from_yaml
     from mmsae.stages import mine as stage
@@ -27,6 +28,4 @@ def mine(
         parent_run_id=parent_run_id or None,
     )
     write_pointer(top_examples, out.uri)
-    for name, value in out.figures.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics.log_metric(name.replace("/", "."), float(value))
+    log_figures(metrics, out.figures)

@@ -22,6 +22,7 @@ def report(
     ``explanations``, ``scores`` and ``steering`` are optional pointer artifacts of the later stages.
     """
     from mmsae import storage
+    from mmsae.components.metrics import log_figures
     from mmsae.components.pointers import read_pointer
     from mmsae.config import config_from_yaml
     from mmsae.stages import report as stage
@@ -35,8 +36,6 @@ def report(
         parent_run_id=parent_run_id or None,
     )
     with open(report.path, "wb") as f:
-        f.write(storage.read_bytes(out.index_uri))
-    report.metadata["uri"] = out.index_uri
-    for name, value in out.figures.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics.log_metric(name, float(value))
+        f.write(storage.read_bytes(out.uris["index"]))
+    report.metadata["uri"] = out.uris["index"]
+    log_figures(metrics, out.figures)

@@ -26,7 +26,7 @@ def open_tracking(config_yaml: str, run_name: str, kfp_job_id: str, kfp_job_name
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def close_tracking(config_yaml: str, kfp_job_id: str, status: dsl.PipelineTaskFinalStatus):
-    """Close the parent run as FINISHED or FAILED after every other step, whatever happened.
+    """Close the parent run as FINISHED, KILLED (a cancelled run) or FAILED after every other step.
 
     An exit task may not depend on other tasks, so the parent run is found by its ``kfp.job_id`` tag.
     """
@@ -41,5 +41,5 @@ def close_tracking(config_yaml: str, kfp_job_id: str, status: dsl.PipelineTaskFi
     )
     if run_id is None:
         return
-    state = "FINISHED" if status.state == "SUCCEEDED" else "FAILED"
+    state = {"SUCCEEDED": "FINISHED", "CANCELLED": "KILLED"}.get(status.state, "FAILED")
     tracking.end_pipeline_run(run_id, status=state, uri=cfg.tracking.uri)

@@ -15,12 +15,11 @@ def train(
     metrics: Output[Metrics],
 ):
     """Train the SAE(s) (see ``mmsae.stages.train``); ``sae`` points to the checkpoint folder."""
+    from mmsae.components.metrics import log_figures
     from mmsae.components.pointers import read_pointer, write_pointer
     from mmsae.config import config_from_yaml
     from mmsae.stages import train as stage
 
     out = stage.run(config_from_yaml(config_yaml), shards=read_pointer(shards), parent_run_id=parent_run_id or None)
     write_pointer(sae, out.uri)
-    for name, value in out.figures.items():
-        if isinstance(value, (int, float)):
-            metrics.log_metric(name.replace("/", "."), float(value))
+    log_figures(metrics, out.figures)

@@ -3,11 +3,19 @@
 It holds the steps that exist so far; every later stage adds its component and its step here, so the
 demo always runs the DAG end to end. The MLflow parent run is opened first and closed by an exit
 handler, so a failed run is recorded as FAILED.
+
+The explain step retries with backoff (a busy or restarting explainer server; its answers are cached, so a
+retry asks only what is still unanswered). With $MMSAE_EXPLAINER_SECRET set at compile time, it reads
+$OPENAI_API_KEY and $OPENAI_BASE_URL from that Kubernetes Secret (optional keys: a vLLM server in the cluster
+needs no key); the key never enters the config, the compiled pipeline or an artifact.
 """
 
-from kfp import dsl
+import os
+
+from kfp import dsl, kubernetes
 
 from mmsae.components.cache import cache
+from mmsae.components.explain import explain
 from mmsae.components.inputs import inputs
 from mmsae.components.mine import mine
 from mmsae.components.report import report
@@ -15,6 +23,11 @@ from mmsae.components.tracking import close_tracking, open_tracking
 from mmsae.components.train import train
 
 PIPELINE_NAME = "mmsae-sae-interp"
+EXPLAINER_SECRET = os.environ.get("MMSAE_EXPLAINER_SECRET", "")
+"""Kubernetes Secret whose keys OPENAI_API_KEY and OPENAI_BASE_URL become the explain step's environment;
+empty: none is mounted (the compiled pipeline then has no Kubernetes platform section)."""
+EXPLAIN_RETRIES = 3
+EXPLAIN_BACKOFF = "60s"
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Cache, train, mine and explain SAE features of an LMM.")
@@ -48,5 +61,15 @@ def sae_interp(config_yaml: str = "", run_name: str = ""):
             sae=trained.outputs["sae"],
         )
         mined.set_display_name("mine top images")
-        dashboard = report(config_yaml=config_yaml, parent_run_id=opened.output, top_examples=mined.outputs["top_examples"])
+        explained = explain(config_yaml=config_yaml, parent_run_id=opened.output,
+                            top_examples=mined.outputs["top_examples"])
+        explained.set_display_name("explain features")
+        explained.set_retry(num_retries=EXPLAIN_RETRIES, backoff_duration=EXPLAIN_BACKOFF, backoff_factor=2.0,
+                            backoff_max_duration="900s")
+        if EXPLAINER_SECRET:
+            kubernetes.use_secret_as_env(explained, secret_name=EXPLAINER_SECRET, optional=True,
+                                         secret_key_to_env={"OPENAI_API_KEY": "OPENAI_API_KEY",
+                                                            "OPENAI_BASE_URL": "OPENAI_BASE_URL"})
+        dashboard = report(config_yaml=config_yaml, parent_run_id=opened.output, top_examples=mined.outputs["top_examples"],
+                           explanations=explained.outputs["explanations"])
         dashboard.set_display_name("report")

@@ -23,10 +23,11 @@ import torch
 from PIL import Image
 
 from mmsae import activations as A
-from mmsae import storage
+from mmsae import caching, storage
 from mmsae.config import RunConfig
 from mmsae.models import capture, load_lmm, resolve_hookpoint, save_tiny, token_geometry
 from mmsae.stages import cache
+from mmsae.stages._base import OutputMismatchError
 
 SIZES = [(40, 40), (64, 32), (30, 70), (50, 45), (33, 33), (70, 20), (48, 64), (41, 39)]
 
@@ -72,8 +73,9 @@ def _cfg(out, image_set, model, **cache_kw) -> RunConfig:
     cfg = RunConfig()
     cfg.tracking.enabled = False
     cfg.run.workdir = str(out).rsplit("/", 1)[0] + "/work"
+    # most tests skip bad images on purpose; the limit has its own test
     cfg.cache = cfg.cache.model_copy(update={"image_set": image_set, "model": model, "out": str(out),
-                                             "num_workers": 0, **cache_kw})
+                                             "num_workers": 0, "max_skipped": 100, **cache_kw})
     return cfg
 
 
@@ -143,6 +145,64 @@ def test_corrupt_images_are_skipped_and_listed(tmp_path, world):
     assert not set(rows["image_idx"].tolist()) & {1, 5}
 
 
+def test_skipped_images_are_named_warned_about_and_bounded(tmp_path, world, caplog):
+    sizes = [SIZES[i % len(SIZES)] for i in range(10)]
+    cells = []
+    for i, (w, h) in enumerate(sizes):
+        data = _png(w, h, i)
+        if i == 2:
+            data = data[: len(data) // 2]  # a truncated PNG
+        if i == 7:
+            data = b"a text file named .png"
+        cells.append({"bytes": data, "path": f"photo-{i}.png"})
+    ds = datasets.Dataset.from_dict({"image": cells}, features=datasets.Features({"image": datasets.Image()}))
+    images = str(tmp_path / "imgs")
+    ds.save_to_disk(images)
+
+    with caplog.at_level(logging.WARNING, logger="mmsae.stages.cache"):
+        cache.run(_cfg(tmp_path / "acts", images, world["models"]["llava"], max_skipped=0.2))
+    skipped = storage.read_manifest(str(tmp_path / "acts"), kind=A.KIND).extra["skipped"]
+    assert [(s["image_idx"], s["name"]) for s in skipped] == [(2, "photo-2.png"), (7, "photo-7.png")]
+    warning = caplog.text
+    assert "2 of 10 images" in warning and "photo-2.png" in warning and "photo-7.png" in warning
+    assert f"{images} row 2" in warning
+
+    with pytest.raises(cache.CacheError, match=r"2 images .* more than cache.max_skipped = 1(\.0)? allows \(1\)"):
+        cache.run(_cfg(tmp_path / "strict", images, world["models"]["llava"], max_skipped=1))
+    with pytest.raises(cache.CacheError, match=r"max_skipped = 0\.1 allows \(1\).*photo-2\.png"):
+        cache.run(_cfg(tmp_path / "share", images, world["models"]["llava"], max_skipped=0.1, batch_size=2))
+
+
+def test_relative_input_paths_are_recorded_absolute(tmp_path, world, monkeypatch):
+    images = Path(make_image_set(tmp_path / "data" / "imgs", sizes=SIZES[:3]))
+    shutil.copytree(world["models"]["llava"], tmp_path / "data" / "model")
+    monkeypatch.chdir(tmp_path / "data")
+    cfg = _cfg("acts", "imgs", "model")
+    cfg.run.workdir = "work"
+    result = cache.run(cfg)
+    assert result.uri == str(tmp_path / "data" / "acts")
+    inputs = storage.read_manifest(result.uri, kind=A.KIND).inputs
+    assert inputs == {"image_set": str(images), "model": str(tmp_path / "data" / "model")}
+    monkeypatch.chdir(tmp_path)  # elsewhere, the shards still name inputs that exist
+    shards = A.ActivationShards(result.uri)
+    assert storage.exists(shards.image_set) and storage.exists(shards.model)
+
+
+def test_image_table_lists_every_cached_image_size_as_images_json_does(tmp_path, world):
+    images = make_image_set(tmp_path / "imgs", corrupt=(1, 5))
+    out = tmp_path / "acts"
+    cache.run(_cfg(out, images, world["models"]["llava"]))
+    listed = storage.read_json(str(out / "images.json"))["images"]
+    table = A.ActivationShards(str(out)).image_sizes()
+    assert (out / "images.bin").stat().st_size == 24 * len(listed) == 24 * len(table)
+    assert table.ids().tolist() == [i for i, _, _ in listed]
+    assert [table[i] for i, _, _ in listed] == [(w, h) for _, w, h in listed]
+    assert 1 not in table and 5 not in table
+    with pytest.raises(KeyError, match="image 5 was not cached"):
+        table[5]
+    storage.verify_artifact(str(out), kind=A.KIND)  # the table is checksummed like every file
+
+
 def test_no_usable_image_is_an_error(tmp_path, world):
     images = make_image_set(tmp_path / "imgs", sizes=SIZES[:3], corrupt=(0, 1, 2))
     with pytest.raises(cache.CacheError, match="no usable image"):
@@ -162,8 +222,9 @@ def test_completed_artifact_is_reused_and_other_config_refused(tmp_path, world):
     cache.run(cfg)
     after = {n: storage.read_bytes(storage.join(str(out), n)) for n in storage.list_files(str(out))}
     assert before == after
-    with pytest.raises(cache.CacheError, match="another config"):
+    with pytest.raises(OutputMismatchError, match=r"setting layers: \[-2\] -> \[1\].*run.overwrite=true"):
         cache.run(_cfg(out, world["images"], world["models"]["llava"], layers=[1]))
+    assert {n: storage.read_bytes(storage.join(str(out), n)) for n in storage.list_files(str(out))} == before
 
 
 def test_cache_to_s3(world, s3_env):
@@ -210,6 +271,23 @@ class _Crash(Exception):
     pass
 
 
+def test_temporary_files_of_a_run_killed_while_sealing_are_removed(tmp_path, world, monkeypatch):
+    """kill -9 during sealing leaves the temp files of images.json / images.bin / manifest.json behind."""
+    images = make_image_set(tmp_path / "imgs", sizes=SIZES[:4])
+    out = tmp_path / "acts"
+    cfg = _cfg(out, images, world["models"]["llava"])
+    monkeypatch.setattr(cache, "_seal", lambda *a, **k: (_ for _ in ()).throw(_Crash()))
+    with pytest.raises(_Crash):
+        cache.run(cfg)
+    monkeypatch.undo()
+    left = [".mmsae-tmp-images.json.k9x", ".mmsae-tmp-images.bin.k9x", ".mmsae-tmp-manifest.json.k9x"]
+    for name in left:
+        (out / name).write_bytes(b"half written")
+    cache.run(cfg)
+    assert not [p.name for p in out.rglob(".mmsae-tmp-*")]
+    storage.verify_artifact(str(out), kind=A.KIND)
+
+
 def test_crash_between_set_record_and_progress_resumes_byte_identical(tmp_path, world, monkeypatch):
     """Killed after a set's shards and record are written, before progress counts it: the set is redone."""
     sizes = [SIZES[i % len(SIZES)] for i in range(12)]
@@ -245,9 +323,9 @@ def test_crash_between_set_record_and_progress_resumes_byte_identical(tmp_path, 
 def test_progress_of_an_older_format_is_refused(tmp_path, world):
     out = tmp_path / "acts"
     cfg = _cfg(out, world["images"], world["models"]["llava"])
-    old = {"config_hash": cache.config_hash(cfg.cache), "next_chunk": 1, "images": [[0, 40, 40]]}
+    old = {"key": cache.output_key(cfg.cache).to_json(), "next_chunk": 1, "images": [[0, 40, 40]]}
     storage.write_json(str(out / "progress-000.json"), old)
-    with pytest.raises(cache.CacheError, match="progress format 1"):
+    with pytest.raises(OutputMismatchError, match="progress format 1"):
         cache.run(cfg)
 
 
@@ -260,8 +338,9 @@ def _rebuild_image_set(path: Path, **kw) -> str:
     return make_image_set(path, **kw)
 
 
-def test_image_set_or_model_rewritten_in_place_is_cached_afresh(tmp_path, world, caplog):
-    """Same config, same URIs, other content (as the toy-world stage rebuilds them): the shards are remade."""
+def test_image_set_or_model_rewritten_in_place_is_refused_then_replaced_on_overwrite(tmp_path, world, caplog):
+    """Same config, same URIs, other content (as the toy-world stage rebuilds them): the old shards are never
+    returned; the stage refuses naming the input, and run.overwrite remakes them."""
     images = make_image_set(tmp_path / "imgs", sizes=SIZES[:4])
     model = str(save_tiny("llava", tmp_path / "model", text_layers=3, seed=1))
     out = tmp_path / "acts"
@@ -269,11 +348,15 @@ def test_image_set_or_model_rewritten_in_place_is_cached_afresh(tmp_path, world,
     assert cache.run(cfg).figures["images"] == 4
 
     _rebuild_image_set(tmp_path / "imgs", sizes=SIZES[:6], seed=1)
+    with pytest.raises(OutputMismatchError, match=r"input image_set was rewritten or replaced"):
+        cache.run(cfg)
+    assert A.ActivationShards(str(out)).num_rows() == _all_rows(str(out), "layers.1")["acts"].shape[0]
     ref = tmp_path / "ref"
     cache.run(_cfg(ref, images, model))
-    with caplog.at_level(logging.WARNING, logger="mmsae.stages.cache"):
+    cfg.run.overwrite = True
+    with caplog.at_level(logging.WARNING, logger="mmsae.stages._base"):
         assert cache.run(cfg).figures["images"] == 6
-    assert "image set" in caplog.text and "replacing them" in caplog.text
+    assert "input image_set" in caplog.text and "replacing" in caplog.text
     got, want = _files(out), _files(ref)
     assert sorted(got) == sorted(want)
     assert [n for n in want if n != "manifest.json" and got[n] != want[n]] == []
@@ -281,6 +364,10 @@ def test_image_set_or_model_rewritten_in_place_is_cached_afresh(tmp_path, world,
     shutil.rmtree(tmp_path / "model")
     save_tiny("llava", tmp_path / "model", text_layers=3, seed=2)  # same architecture, other weights
     before = _all_rows(str(out), "layers.1")["acts"]
+    cfg.run.overwrite = False
+    with pytest.raises(OutputMismatchError, match=r"input model was rewritten or replaced"):
+        cache.run(cfg)
+    cfg.run.overwrite = True
     cache.run(cfg)
     after = _all_rows(str(out), "layers.1")["acts"]
     assert before.shape == after.shape and not torch.equal(before, after)
@@ -302,7 +389,7 @@ def _crash_after_first_shard(monkeypatch, cfg) -> None:
     monkeypatch.setattr(cache, "_save_progress", real_save)
 
 
-def test_partial_run_from_inputs_rewritten_since_restarts_from_scratch(tmp_path, world, monkeypatch, caplog):
+def test_partial_run_from_inputs_rewritten_since_is_refused_or_restarted_on_overwrite(tmp_path, world, monkeypatch, caplog):
     model = world["models"]["llava_next"]
     sizes = [SIZES[i % len(SIZES)] for i in range(10)]
     images = make_image_set(tmp_path / "imgs", sizes=sizes)
@@ -313,8 +400,12 @@ def test_partial_run_from_inputs_rewritten_since_restarts_from_scratch(tmp_path,
     _rebuild_image_set(tmp_path / "imgs", sizes=sizes, seed=7)  # same count and sizes, other pixels
     ref = tmp_path / "ref"
     cache.run(_cfg(ref, images, model, batch_size=2, shard_rows=50))
+    cfg = _cfg(out, images, model, batch_size=2, shard_rows=50)
+    with pytest.raises(OutputMismatchError, match=r"partial run.*input image_set"):
+        cache.run(cfg)
+    cfg.run.overwrite = True
     with caplog.at_level(logging.WARNING, logger="mmsae.stages.cache"):
-        cache.run(_cfg(out, images, model, batch_size=2, shard_rows=50))
+        cache.run(cfg)
     got, want = _files(out), _files(ref)
     assert sorted(got) == sorted(want)
     assert [n for n in want if n != "manifest.json" and got[n] != want[n]] == []
@@ -338,27 +429,47 @@ def test_resume_under_another_world_size_is_refused_naming_both(tmp_path, world,
 
 
 def test_process_group_gets_a_long_timeout(monkeypatch):
+    import inspect
+
+    from torch.distributed import constants
+
+    signature = inspect.signature(torch.distributed.init_process_group)
     calls = []
+
+    def init_process_group(*args, **kwargs):  # records the arguments however they are passed
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append(dict(bound.arguments))
+
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert cache._dist_env() == (1, 2, 1)
-    assert calls and calls[0]["timeout"] == cache.DIST_TIMEOUT >= timedelta(hours=24)
+    assert len(calls) == 1
+    timeout = calls[0]["timeout"]
+    assert timeout == cache.DIST_TIMEOUT and timeout >= timedelta(hours=24)
+    defaults = [constants.default_pg_timeout, constants.default_pg_nccl_timeout or constants.default_pg_timeout]
+    assert all(timeout > default for default in defaults)  # torch's own would cut off a rank that is hours behind
+    assert calls[0]["backend"] == ("nccl" if torch.cuda.is_available() else "gloo")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert cache._dist_env() == (0, 1, 0) and len(calls) == 1  # one process: no process group
 
 
 def test_out_holding_another_kind_of_artifact_is_refused(tmp_path, world):
     out = tmp_path / "acts"
     storage.write_bytes(str(out / "weights.bin"), b"precious")
     storage.write_manifest(str(out), "sae")
-    with pytest.raises(cache.CacheError, match=rf"{out}.*'sae' artifact"):
+    with pytest.raises(OutputMismatchError, match=rf"{out}.*'sae' artifact"):
         cache.run(_cfg(out, world["images"], world["models"]["llava"]))
     assert storage.read_manifest(str(out)).kind == "sae"
     assert (out / "weights.bin").read_bytes() == b"precious"
     odd = tmp_path / "odd"
     storage.write_text(str(odd / "manifest.json"), '{"not": "an mmsae manifest"}')
-    with pytest.raises(cache.CacheError, match=rf"{odd} holds a manifest.json that cannot be read"):
+    with pytest.raises(OutputMismatchError, match=rf"{odd} holds a manifest.json that cannot be read"):
         cache.run(_cfg(odd, world["images"], world["models"]["llava"]))
 
 
@@ -384,7 +495,7 @@ def test_manifest_records_each_hook_points_width(tmp_path, world):
 
 
 def test_rows_with_nan_or_inf_are_counted_per_shard_and_warned(tmp_path, world, monkeypatch, caplog):
-    real_forward = cache._forward
+    real_forward = caching.forward_rows
     poisoned = {1: float("nan"), 5: float("inf")}
 
     def forward(*args, **kw):
@@ -397,7 +508,7 @@ def test_rows_with_nan_or_inf_are_counted_per_shard_and_warned(tmp_path, world, 
             cols["acts"] = acts
         return out
 
-    monkeypatch.setattr(cache, "_forward", forward)
+    monkeypatch.setattr(caching, "forward_rows", forward)
     out = tmp_path / "acts"
     with caplog.at_level(logging.WARNING, logger="mmsae.stages.cache"):
         cache.run(_cfg(out, world["images"], world["models"]["llava"], batch_size=2, shard_rows=40))

@@ -1,6 +1,18 @@
 import pytest
+import yaml
 
-from mmsae.config import ConfigError, RunConfig, config_from_yaml, dump_config, load_config, parse_overrides
+from mmsae.config import (
+    ConfigError,
+    MineConfig,
+    RunConfig,
+    RunSection,
+    ToyWorldConfig,
+    config_from_yaml,
+    dump_config,
+    explain_config,
+    load_config,
+    parse_overrides,
+)
 
 
 def test_defaults_load_without_a_file():
@@ -76,3 +88,51 @@ def test_dump_and_reparse_round_trips():
 def test_field_docstrings_become_descriptions():
     fields = RunConfig.model_fields["toyworld"].annotation.model_fields
     assert "training images" in fields["n_train"].description
+
+
+SEEDED = ("toyworld", "toylmm", "train", "mine")
+
+
+def test_run_seed_is_every_section_seed_unless_a_section_sets_its_own(tmp_path):
+    cfg = load_config(None, ["run.seed=7"])
+    assert {name: getattr(cfg, name).seed for name in SEEDED} == dict.fromkeys(SEEDED, 7)
+    cfg = load_config(None, ["run.seed=7", "mine.seed=3"])
+    assert {name: getattr(cfg, name).seed for name in SEEDED} == {"toyworld": 7, "toylmm": 7, "train": 7, "mine": 3}
+    p = tmp_path / "run.yaml"
+    p.write_text("run:\n  seed: 5\ntrain:\n  seed: null\n  k: 8\ntoylmm:\n  seed: 0\n")
+    cfg = load_config(p)
+    assert (cfg.train.seed, cfg.train.k, cfg.toylmm.seed, cfg.mine.seed) == (5, 8, 0, 5)  # null: run.seed
+    assert all(type(getattr(cfg, name).seed) is int for name in SEEDED)
+
+
+def test_section_seeds_follow_the_run_seed_they_were_validated_with():
+    assert ToyWorldConfig().seed == 0 and ToyWorldConfig(seed=None).seed == 0  # a section alone: run.seed's default
+    world = ToyWorldConfig(n_train=3)
+    cfg = RunConfig(run=RunSection(seed=4), toyworld=world, mine=MineConfig(seed=2))
+    assert (cfg.toyworld.seed, cfg.toyworld.n_train, cfg.mine.seed, cfg.train.seed) == (4, 3, 2, 4)
+    assert world.seed == 0  # the section given is left as it was
+    cfg.run = RunSection(seed=9)  # assigning re-validates: unset seeds follow, the explicit one stays
+    assert (cfg.toyworld.seed, cfg.train.seed, cfg.mine.seed) == (9, 9, 2)
+
+
+def test_resolved_seeds_are_written_out_and_round_trip():
+    cfg = load_config(None, ["run.seed=7", "mine.seed=3"])
+    dumped = dump_config(cfg)
+    data = yaml.safe_load(dumped)
+    assert {name: data[name]["seed"] for name in SEEDED} == {"toyworld": 7, "toylmm": 7, "train": 7, "mine": 3}
+    assert config_from_yaml(dumped) == cfg
+
+
+def test_explain_writes_each_key_under_its_docstring_and_reads_back():
+    cfg = load_config(None, ["cache.batch_size=3", "run.seed=7"])
+    text = explain_config(cfg)
+    lines = text.splitlines()
+    at = lines.index("cache:")
+    batch = lines.index("  batch_size: 3", at)
+    assert lines[batch - 1] == "  # Images per forward pass."
+    assert lines[at - 1].startswith("# The cache stage")
+    docs = RunConfig.model_fields["train"].annotation.model_fields["grad_clip"].description
+    wrapped = [line.removeprefix("  # ") for line in lines[lines.index("train:"):] if line.startswith("  # ")]
+    assert " ".join(docs.split()) in " ".join(wrapped)  # a long docstring, wrapped
+    assert all(len(line) <= 120 for line in lines)
+    assert config_from_yaml(text) == cfg

@@ -71,12 +71,12 @@ def test_normalize_in_forward_gives_the_outputs_and_gradients_of_decoder_weight(
 # --- tests/test_train.py -------------------------------------------------------------------------------
 def test_one_rank_engine_uses_no_zero_partitioning_and_no_allreduce() -> None:
     from mmsae.config import TrainConfig
-    from mmsae.stages import train
+    from mmsae.training import engine as engine_module
 
     t = TrainConfig(num_latents=64, k=4, batch_size=8, device="cpu", zero_stage=2)
-    with train.process_group(t):
-        bundle = train.SaeBundle([train.Variant("", "h", 64, 4, 1e-3)], 16, t)
-        engine = train.build_engine(bundle, t, world=1, total_steps=10)
+    with engine_module.process_group(t):
+        bundle = engine_module.SaeBundle([engine_module.Variant("", "h", 64, 4, 1e-3)], 16, t)
+        engine = engine_module.build_engine(bundle, t, world=1, total_steps=10)
         _one_engine_step(engine, bundle, t)
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 from mmsae.heatmaps import (
     HeatmapError,
     activation_map,
+    fit_size,
     load_patch_info,
     png_bytes,
     render_masked,
@@ -132,3 +133,29 @@ def test_geometry_is_read_from_the_models_small_files(tmp_path, info):
     assert load_patch_info(str(path)) == info
     with pytest.raises(HeatmapError, match="no config.json"):
         load_patch_info(str(tmp_path / "nothing"))
+
+
+def test_fit_size_bounds_the_long_side_and_keeps_the_aspect_ratio():
+    assert fit_size((1000, 872), 384) == (384, 335)
+    assert fit_size((200, 1400), 384) == (55, 384)
+    assert fit_size((300, 200), 384) == (300, 200)  # small images keep their size
+    assert fit_size((5000, 3), 384) == (384, 1)
+    assert fit_size((1000, 872), None) == (1000, 872)
+
+
+def test_a_map_sampled_on_a_smaller_grid_keeps_the_original_geometry(info):
+    # a 4x smaller grid over a 128x96 image: each output pixel's centre lies between two full-size pixel
+    # centres, so it is their mean where the bilinear map is linear, and the cell lands on the same region
+    h, w = 96, 128
+    tokens = {"view": np.array([0, 1, 2]), "row": np.array([1, 2, 0]), "col": np.array([2, 1, 3]),
+              "act": np.array([3.0, 1.0, 2.0])}
+    full = activation_map(tokens, (h, w), info)
+    small = activation_map(tokens, (h, w), info, size=(h // 4, w // 4))
+    assert small.shape == (h // 4, w // 4)
+    between = full[1::4, :][: h // 4] * 0.25 + full[2::4, :][: h // 4] * 0.25
+    between = between[:, 1::4] + between[:, 2::4]
+    close = np.abs(small - between) <= 0.05 * full.max()
+    assert close.mean() > 0.97, close.mean()
+    # the strongest region is where it is at full size
+    peak, small_peak = np.unravel_index(full.argmax(), full.shape), np.unravel_index(small.argmax(), small.shape)
+    assert all(abs(a // 4 - b) <= 1 for a, b in zip(peak, small_peak, strict=True)), (peak, small_peak)

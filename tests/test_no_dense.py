@@ -1,6 +1,6 @@
 """The SAE training step never builds a dense ``[tokens, latents]`` tensor outside the encoder product.
 
-Runs one forward and backward of the train stage's SAE step (:class:`mmsae.stages.train.SaeBundle`'s
+Runs one forward and backward of the train stage's SAE step (:class:`mmsae.training.engine.SaeBundle`'s
 forward, the call the DeepSpeed engine makes: decoder rows normalised in the forward pass, AuxK over dead
 latents) under a :class:`~torch.utils._python_dispatch.TorchDispatchMode` that records the size of every
 tensor an aten op produces, in four phases: inside :func:`~mmsae.sae.kernels.topk_encode` (``encode``),
@@ -96,7 +96,7 @@ def _train_step_op_sizes(monkeypatch: pytest.MonkeyPatch, multi_topk: bool = Fal
                          dead_fraction: float = DEAD_FRACTION) -> OpSizes:
     """One forward + backward of the stage's SAE step under :class:`OpSizes`; the record."""
     from mmsae.config import TrainConfig
-    from mmsae.stages import train as stage
+    from mmsae.training import engine as stage
 
     torch.manual_seed(0)
     t = TrainConfig(num_latents=M, k=K, batch_size=N, device="cpu", multi_topk=multi_topk)

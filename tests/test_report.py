@@ -14,6 +14,7 @@ from safetensors.numpy import save as save_safetensors
 from mmsae import storage
 from mmsae.config import ReportConfig, RunConfig
 from mmsae.stages import report
+from mmsae.stages._base import StageOutputs
 
 # ---------------------------------------------------------------------------------------------------
 # a hand-made top-examples artifact (the format the mine stage writes)
@@ -26,6 +27,8 @@ FEATURES = {
     20: (0.15, 0.50, 3.0, 0.9, 1),
     41: (0.07, 0.20, 0.5, 0.1, 2),
 }
+DEFAULT_ORDER = sorted(FEATURES, key=lambda f: (-FEATURES[f][1], -FEATURES[f][2], f))
+"""The index's order when the page opens: image frequency, then max activation, descending."""
 XSS = '<script>alert(1)</script> "quotes" & <img src=x onerror="document.body.setAttribute(\'data-pwned\',\'1\')">'
 
 
@@ -46,8 +49,11 @@ SELECTED = [7, 41]
 
 
 def make_top_examples(uri: str, features: dict = FEATURES, skip_heatmaps: tuple = (),
-                      ground_truth: dict | None = None) -> str:
-    """Write a top-examples artifact; ``skip_heatmaps`` lists (feature, rank) pairs left without PNGs."""
+                      ground_truth: dict | None = None, fields: dict | None = None, heatmap=heatmap_png,
+                      format_version: int = 1, figures: dict | None = None) -> str:
+    """Write a top-examples artifact; ``skip_heatmaps`` lists (feature, rank) pairs left without PNGs,
+    ``fields`` maps features to more fields of their records (format 2), ``heatmap(feature, rank, kind)`` makes
+    the PNGs."""
     names, lines, sizes = [], [], {}
     maps: dict[str, list] = {k: [] for k in ("feature", "image_idx", "view", "row", "col", "token_pos", "act")}
     for f, (freq, ifreq, mx, mean, _) in sorted(features.items()):
@@ -56,6 +62,7 @@ def make_top_examples(uri: str, features: dict = FEATURES, skip_heatmaps: tuple 
         lines.append(json.dumps({
             "feature": f, "frequency": freq, "image_frequency": ifreq, "max_activation": mx,
             "mean_activation": mean, "top": top, "quantiles": quantiles, "negatives": [8000 + f],
+            **(fields or {}).get(f, {}),
         }))
         for rank, t in enumerate(top):
             sizes[str(t["image_idx"])] = {"width": 12, "height": 12}
@@ -66,7 +73,7 @@ def make_top_examples(uri: str, features: dict = FEATURES, skip_heatmaps: tuple 
                 continue
             for kind in ("overlay", "masked"):
                 name = f"heatmaps/f{f:06d}/{kind}-{rank:02d}-{t['image_idx']}.png"
-                storage.write_bytes(storage.join(uri, name), heatmap_png(f, rank, kind))
+                storage.write_bytes(storage.join(uri, name), heatmap(f, rank, kind))
                 names.append(name)
         sizes[str(9000 + f)] = {"width": 12, "height": 12}
     dtypes = {"feature": np.int32, "image_idx": np.int64, "view": np.int16, "row": np.int16, "col": np.int16,
@@ -80,12 +87,12 @@ def make_top_examples(uri: str, features: dict = FEATURES, skip_heatmaps: tuple 
         storage.write_json(storage.join(uri, "ground_truth.json"), ground_truth)
         names.append("ground_truth.json")
     storage.write_manifest(
-        uri, "top_examples", files=names, format_version=1,
+        uri, "top_examples", files=names, format_version=format_version,
         inputs={"sae": "sae-uri", "shards": "shards-uri", "image_set": "images-uri"},
         extra={"hookpoint": "layers.1", "family": "llava_next", "num_latents": 64, "k": 4, "score": "max",
                "top_k": 4, "n_quantiles": 1, "n_random": 1, "features": sorted(features),
                "selected": [f for f in SELECTED if f in features],
-               "figures": {"mined_features": len(features)}},
+               "figures": figures or {"mined_features": len(features)}},
     )
     return uri
 
@@ -190,13 +197,14 @@ def run_cfg(tmp_path: Path) -> RunConfig:
     cfg.run.workdir = str(tmp_path / "work")
     cfg.run.name = "toy-run"
     cfg.tracking.enabled = False
+    cfg.run.overwrite = True  # tests render one workdir many times, with other settings
     make_top_examples(str(tmp_path / "work" / "mine"))
     return cfg
 
 
-def render(run_cfg: RunConfig, **kw) -> tuple[Node, str, report.ReportOutputs]:
+def render(run_cfg: RunConfig, **kw) -> tuple[Node, str, StageOutputs]:
     out = report.run(run_cfg, **kw)
-    html = Path(out.index_uri).read_text()
+    html = Path(out.uris["index"]).read_text()
     return parse(html), html, out
 
 
@@ -207,7 +215,7 @@ def render(run_cfg: RunConfig, **kw) -> tuple[Node, str, report.ReportOutputs]:
 def test_index_lists_every_mined_feature_with_its_statistics(run_cfg):
     doc, _, out = render(run_cfg)
     rows = index_rows(doc)
-    assert [int(r.attrs["data-feature"]) for r in rows] == sorted(FEATURES)
+    assert [int(r.attrs["data-feature"]) for r in rows] == DEFAULT_ORDER != sorted(FEATURES)
     for r in rows:
         freq, ifreq, mx, mean, _ = FEATURES[int(r.attrs["data-feature"])]
         assert float(r.attrs["data-frequency"]) == freq
@@ -215,7 +223,7 @@ def test_index_lists_every_mined_feature_with_its_statistics(run_cfg):
         assert float(r.attrs["data-max-activation"]) == mx
         assert float(r.attrs["data-mean-activation"]) == mean
     assert out.figures["features"] == len(FEATURES) and out.figures["features_detailed"] == len(FEATURES)
-    assert out.index_uri == str(Path(run_cfg.run.workdir) / "report" / "index.html")
+    assert out.uris["index"] == str(Path(run_cfg.run.workdir) / "report" / "index.html")
 
 
 def test_each_detail_section_shows_its_own_overlay_heatmaps_in_rank_order(run_cfg):
@@ -270,7 +278,8 @@ def test_model_text_is_escaped_everywhere(run_cfg, tmp_path):
     sec = section(doc, 3)
     assert sec.find("span", **{"class": "text"}).text() == XSS  # shown as text, character for character
     assert XSS in sec.find("table", **{"class": "steering"}).text()
-    assert index_rows(doc)[0].attrs["data-explanation"] == XSS  # attribute values are quoted safely too
+    row = {int(r.attrs["data-feature"]): r for r in index_rows(doc)}[3]
+    assert row.attrs["data-explanation"] == XSS  # attribute values are quoted safely too
 
 
 def test_without_optional_inputs_there_are_no_explanation_score_or_steering_parts(run_cfg):
@@ -319,7 +328,7 @@ def test_one_scorer_gives_a_single_score_column(run_cfg, tmp_path):
     doc, _, _ = render(run_cfg, scores=write_jsonl(tmp_path / "s.jsonl", scores))
     th = doc.find("th", data_key="score")
     assert th.text() == "iou" and not doc.find_all("th", data_key="score-iou")
-    assert [float(r.attrs["data-score"]) for r in index_rows(doc)] == [f / 100 for f in sorted(FEATURES)]
+    assert [float(r.attrs["data-score"]) for r in index_rows(doc)] == [f / 100 for f in DEFAULT_ORDER]
 
 
 def test_detail_cap_keeps_the_index_complete_and_links_only_detailed_features(run_cfg):
@@ -368,7 +377,7 @@ def test_headline_figures_come_from_the_step_summaries(run_cfg):
     assert "heldout_fvu_image" in cards["train"] and "0.1235" in cards["train"]
     assert "mined_features" in cards["mine"]  # the mine figures from the artifact's manifest
     summary = storage.read_json(storage.join(run_cfg.run.workdir, "summary", "report.json"))
-    assert summary["index"] == out.index_uri and summary["features"] == len(FEATURES)
+    assert summary["index"] == out.uris["index"] and summary["features"] == len(FEATURES)
     doc, _, _ = render(run_cfg)  # a second report does not list the first as a headline step
     assert "report" not in {c.attrs["data-step"] for c in doc.find_all("div", **{"class": "card"})}
 
@@ -453,7 +462,7 @@ def test_run_logs_the_page_to_mlflow(run_cfg, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("mmsae").experiment_id])
     assert [a.path for a in client.list_artifacts(run.info.run_id, "report")] == ["report/index.html"]
     assert run.data.metrics["features"] == len(FEATURES)
-    assert run.data.tags["mmsae.report"] == out.index_uri
+    assert run.data.tags["mmsae.report"] == out.uris["index"]
 
 
 def test_component_copies_the_page_into_its_html_artifact(run_cfg, tmp_path):
@@ -497,7 +506,7 @@ def test_component_runs_under_kfp_local_without_the_optional_inputs(run_cfg, tmp
     pipe(config_yaml=dump_config(run_cfg))
     (page,) = [p for p in (tmp_path / "root").rglob("report") if p.is_file()]
     doc = parse(page.read_text())
-    assert [int(r.attrs["data-feature"]) for r in index_rows(doc)] == sorted(FEATURES)
+    assert [int(r.attrs["data-feature"]) for r in index_rows(doc)] == DEFAULT_ORDER
 
 
 @pytest.mark.services
@@ -507,9 +516,152 @@ def test_report_reads_and_writes_s3(s3_env, run_cfg, tmp_path):
     expl = f"{s3_env}/explain/explanations.jsonl"
     storage.write_text(expl, "".join(json.dumps(e) + "\n" for e in explanations_for([20])))
     out = report.run(run_cfg, top_examples=top, explanations=expl)
-    assert out.index_uri == f"{s3_env}/work/report/index.html"
-    doc = parse(storage.read_text(out.index_uri))
+    assert out.uris["index"] == f"{s3_env}/work/report/index.html"
+    doc = parse(storage.read_text(out.uris["index"]))
     assert data_images(section(doc, 20)) == [heatmap_png(20, 0, "overlay")]
     assert section(doc, 20).find("span", **{"class": "text"}).text() == "things of kind 20"
     storage.verify_artifact(out.uri, kind="report")
-    assert storage.read_json(f"{s3_env}/work/summary/report.json")["index"] == out.index_uri
+    assert storage.read_json(f"{s3_env}/work/summary/report.json")["index"] == out.uris["index"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# thumbnails, headline figures, the index's order and search, histograms and logit tokens
+
+
+def photo_png(width: int, height: int, seed: int) -> bytes:
+    """A photograph-like PNG (smooth colour fields, blurred shapes, sensor noise), as the mine stage writes."""
+    from PIL import ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8))
+    img = coarse.resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x, y = rng.integers(0, width), rng.integers(0, height)
+        r = int(rng.integers(width // 12 + 1, width // 4 + 2))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    img = img.filter(ImageFilter.GaussianBlur(2))
+    noisy = np.asarray(img, np.float32) + rng.normal(0, 6, (height, width, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decoded(src: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+
+
+def test_photo_heatmaps_are_embedded_as_small_thumbnails_and_keep_their_aspect(run_cfg, tmp_path):
+    sizes = {3: (1000, 872), 7: (200, 1400)}
+    features = {f: v for f, v in FEATURES.items() if f in sizes}
+    pngs = {(f, r): photo_png(*sizes[f], seed=10 * f + r) for f in sizes for r in range(features[f][4])}
+    uri = make_top_examples(str(tmp_path / "photos"), features=features,
+                            heatmap=lambda f, rank, kind: pngs[(f, rank)])
+    doc, html, out = render(run_cfg, top_examples=uri)
+    for f, (w, h) in sizes.items():
+        for img in section(doc, f).find_all("img"):
+            shown = (int(img.attrs["width"]), int(img.attrs["height"]))
+            assert max(shown) == 160 and abs(shown[0] / shown[1] - w / h) < 0.02  # in a 160 px box, aspect kept
+            pixels = decoded(img.attrs["src"]).size
+            assert max(pixels) == 320 and abs(pixels[0] / pixels[1] - w / h) < 0.02  # twice that, for HiDPI
+            assert img.attrs["src"].startswith("data:image/jpeg;")  # the smaller encoding of a photograph
+            assert "upscaled" not in img.attrs.get("class", "")
+    stored = sum(len(p) for p in pngs.values())
+    assert len(html) < stored / 20
+    assert out.figures["bytes_per_detailed_feature"] == pytest.approx(len(html.encode()) / 2)
+    assert out.figures["bytes_per_detailed_feature"] < 120_000
+
+
+def test_small_flat_heatmaps_are_embedded_as_stored_and_scaled_up_without_smoothing(run_cfg):
+    doc, _, _ = render(run_cfg)
+    img = section(doc, 3).find("img")
+    assert decoded(img.attrs["src"]).size == (12, 12) and img.attrs["class"] == "upscaled"
+    assert (img.attrs["width"], img.attrs["height"]) == ("160", "160")
+
+
+MINE_FIGURES = {"features_mined": 5, "dead_pct": 20.0, "peak_state_mib": 1.5, "mystery_figure": 7,
+                "gt_topk_precision": 0.45, "gt_topk_precision_random": 0.12, "gt_f1": 0.6, "gt_f1_always_fires": 0.3,
+                "gt_f1_texture": 0.5}
+
+
+def test_headline_figures_have_labels_units_meanings_and_baselines_once(run_cfg, tmp_path):
+    storage.write_json(storage.join(run_cfg.run.workdir, "summary", "train.json"),
+                       {"heldout_fvu_image": 0.1234567, "dead_pct": 2.5, "k4-m64/layers.1/heldout_fvu_all": 0.2})
+    storage.write_json(storage.join(run_cfg.run.workdir, "summary", "cache.json"), {"bytes_written": 3 * 2**20})
+    gt = {"concepts": [{"concept": "color:red", "kind": "color", "feature": 12, "precision": 0.9, "f1_feature": 7}],
+          "figures": {k: v for k, v in MINE_FIGURES.items() if k.startswith("gt_")}}
+    uri = make_top_examples(str(tmp_path / "gt"), ground_truth=gt, figures=MINE_FIGURES)
+    doc, html, _ = render(run_cfg, top_examples=uri)
+    cards = doc.find("section", id="headline").find_all("div", **{"class": "card"})
+    assert [c.attrs["data-step"] for c in cards] == ["cache", "train", "mine", "ground-truth"]  # pipeline order
+    rows = {tr.attrs["data-key"]: tr for c in cards for tr in c.find_all("tr")}
+    assert rows["heldout_fvu_image"].find("span", **{"class": "label"}).text() == "held-out FVU, image tokens"
+    assert "unexplained" in rows["heldout_fvu_image"].find("span", **{"class": "meaning"}).text()
+    assert "held-out FVU, all tokens (k4-m64/layers.1)" in rows["k4-m64/layers.1/heldout_fvu_all"].text()
+    train_dead = cards[1].find("tr", data_key="dead_pct")
+    mine_dead = cards[2].find("tr", data_key="dead_pct")
+    assert "dead latents" in train_dead.text() and "features that never fire" in mine_dead.text()
+    assert mine_dead.find("td", **{"class": "num value"}).text() == "20 %"
+    assert cards[0].find("tr", data_key="bytes_written").find("td", **{"class": "num value"}).text() == "3 MiB"
+    assert cards[2].find("tr", data_key="peak_state_mib").find("td", **{"class": "num value"}).text() == "1.5 MiB"
+    # unknown figures are shown under their raw key
+    assert rows["mystery_figure"].attrs["class"] == "unknown" and "mystery_figure" in rows["mystery_figure"].text()
+    # baselines beside the figures they qualify, not as figures of their own; ground truth on its card
+    precision = cards[3].find("tr", data_key="gt_topk_precision")
+    assert "0.45" in precision.text() and "random: 0.12" in precision.find("td", **{"class": "num baseline"}).text()
+    assert "always fires: 0.3" in cards[3].find("tr", data_key="gt_f1").text()
+    assert "gt_topk_precision_random" not in rows and "gt_f1_always_fires" not in rows
+    assert rows["gt_f1_texture"].find("span", **{"class": "label"}).text() == "detection F1, texture"
+    # shown once: the ground-truth section does not repeat the figures of the headline
+    tables = [t.attrs["data-table"] for t in doc.find("section", id="ground-truth").find_all("table")]
+    assert tables == ["concepts"]
+    assert html.count(">0.45<") == 1
+    headers = [th.text() for th in doc.find("table", data_table="concepts").find_all("th")]
+    assert headers[:3] == ["concept", "kind", "best feature"] and "detector feature" in headers
+
+
+def test_index_opens_sorted_by_image_frequency_with_never_firing_features_last(run_cfg, tmp_path):
+    features = {**FEATURES, 50: (0.0, 0.0, 0.0, 0.0, 0), 2: (0.0, 0.0, 0.0, 0.0, 0)}
+    uri = make_top_examples(str(tmp_path / "dead"), features=features)
+    doc, _, _ = render(run_cfg, top_examples=uri)
+    order = [int(r.attrs["data-feature"]) for r in index_rows(doc)]
+    assert order == DEFAULT_ORDER + [2, 50]
+    table = doc.find("table", id="feature-index")
+    assert table.attrs["data-sorted-by"] == "-image-frequency"
+    assert table.find("th", data_key="image-frequency").attrs["aria-sort"] == "descending"
+    assert doc.find("input", id="feature-search").attrs["type"] == "search"
+
+
+TOKENS = {"promoted": [{"token": " red", "logit": 2.5}, {"token": "<b>crimson</b>", "logit": 1.25}],
+          "suppressed": [{"token": " blue", "logit": -3.0}]}
+
+
+def test_histograms_and_logit_tokens_are_shown_and_searchable(run_cfg, tmp_path):
+    fields = {3: {"histogram": [0, 5, 100, 20, 0, 1] + [0] * 26, "histogram_upper": 8.0, **TOKENS},
+              7: {"histogram": [0] * 32, "histogram_upper": 0.0, "promoted": [], "suppressed": []}}
+    uri = make_top_examples(str(tmp_path / "v2"), fields=fields, format_version=2)
+    doc, html, _ = render(run_cfg, top_examples=uri)
+    sec = section(doc, 3)
+    bars = sec.find("figure", **{"class": "histogram"}).find_all("rect")
+    assert len(bars) == 6  # up to the last non-empty bin, of width 8 / 32
+    heights = [float(b.attrs["height"]) for b in bars]
+    assert heights[0] == 0 and heights[2] == max(heights) == 48 and 0 < heights[5] < heights[1] < heights[3]
+    assert bars[2].find("title").text() == "0.5 to 0.75: 100 tokens"
+    assert "126 tokens" in sec.find("figure", **{"class": "histogram"}).text()
+    assert "1.5" in sec.find("figure", **{"class": "histogram"}).find("figcaption").text()
+    promoted = [t.text() for t in sec.find("p", data_tokens="promoted").find_all("span", **{"class": "tok up"})]
+    assert promoted == [" red", "<b>crimson</b>"] and "<b>crimson" not in html  # escaped, spaces kept
+    assert [t.text() for t in sec.find("p", data_tokens="suppressed").find_all("span")][1:] == [" blue"]
+    assert not section(doc, 7).find_all("figure", **{"class": "histogram"})
+    rows = {int(r.attrs["data-feature"]): r for r in index_rows(doc)}
+    assert [t.text() for t in rows[3].find("td", **{"class": "tokens"}).find_all("span")] == [" red", "<b>crimson</b>"]
+    assert "crimson" in rows[3].attrs["data-search"] and "blue" not in rows[3].attrs["data-search"]
+    assert "promotes" in [th.attrs["data-key"] for th in doc.find_all("th")]
+
+
+def test_scores_are_shown_beside_their_random_baseline(run_cfg, tmp_path):
+    scores = [{"feature": 3, "scorer": "iou", "score": 0.8}, {"feature": None, "scorer": "iou", "score": 0.05}]
+    doc, _, _ = render(run_cfg, scores=write_jsonl(tmp_path / "s.jsonl", scores))
+    row = section(doc, 3).find("table", **{"class": "scores"}).find("tr", data_scorer="iou")
+    assert row.find("td", **{"class": "num baseline"}).text() == "0.05"
+    assert doc.find("th", data_key="score").attrs["title"] == "random baseline: 0.05"

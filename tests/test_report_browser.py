@@ -55,7 +55,7 @@ def page(tmp_path_factory) -> Path:
                  "steered_output": "a red square", "metrics": {"concept_rate": 0.75}}]
     out = report.run(cfg, explanations=write_jsonl(t / "e.jsonl", expl), scores=write_jsonl(t / "s.jsonl", scores),
                      steering=write_jsonl(t / "st.jsonl", steering))
-    return Path(out.index_uri)
+    return Path(out.uris["index"])
 
 
 def chromium(tmp: Path, *args: str) -> str:
@@ -136,3 +136,38 @@ def test_screenshot_shows_the_heatmaps(page, tmp_path):
     # the first overlay heat map of the first feature is on screen, scaled up without smoothing
     want = Image.open(io.BytesIO(heatmap_png(3, 0, "overlay"))).convert("RGB").getpixel((0, 0))
     assert any(all(abs(a - b) <= 3 for a, b in zip(c, want, strict=True)) for c in colours), want
+
+
+def run_in_page(tmp_path: Path, page: Path, script: str) -> str:
+    """The rendered DOM of the page with ``script`` run after it loaded (allowed by a hash added to the
+    page's policy, as the page's own script is)."""
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    html = page.read_text().replace("script-src ", f"script-src 'sha256-{digest}' ", 1)
+    html = html.replace("</head>", f"<script>{script}</script></head>", 1)
+    probe = tmp_path / f"probe-{len(list(tmp_path.glob('probe-*')))}.html"
+    probe.write_text(html)
+    return rendered_dom(tmp_path, probe)
+
+
+def test_the_index_opens_sorted_by_image_frequency(page, tmp_path):
+    assert row_features(rendered_dom(tmp_path, page)) == by(1, descending=True)
+
+
+def test_search_shows_only_the_matching_features(page, tmp_path):
+    searcher = (
+        "document.addEventListener('DOMContentLoaded', function () {"
+        " var box = document.getElementById('feature-search'); var seen = [];"
+        " ['kind 4', '3', 'nothing like it', ''].forEach(function (q) {"
+        "   box.value = q; box.dispatchEvent(new Event('input'));"
+        "   var ids = Array.prototype.filter.call(document.querySelectorAll('#feature-index tbody tr'),"
+        "     function (r) { return !r.hidden; }).map(function (r) { return r.getAttribute('data-feature'); });"
+        "   seen.push(ids.join(',') + '|' + document.getElementById('search-count').textContent); });"
+        " document.body.setAttribute('data-searches', seen.join(';')); });"
+    )
+    dom = parse(run_in_page(tmp_path, page, searcher))
+    results = [s.split("|") for s in dom.find("body").attrs["data-searches"].split(";")]
+    everyone = ",".join(str(f) for f in by(1, descending=True))
+    # explanation text ("things of kind 41"); an id (3, whose explanation is another); nothing; an empty query
+    # shows them all again
+    assert results == [["41", "1 of 5 features"], ["3", "1 of 5 features"], ["", "0 of 5 features"],
+                       [everyone, ""]]

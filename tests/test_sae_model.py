@@ -39,29 +39,27 @@ def test_config_derives_num_latents_from_expansion_factor() -> None:
     assert SaeConfig(d_in=16, expansion_factor=4, num_latents=40, k=8).effective_num_latents == 40
 
 
-def test_config_accepts_legacy_keys_with_their_supported_value_and_warns(
+def test_config_drops_legacy_keys_as_sparsify_does_and_takes_current_keys_silently(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    raw = {
-        "d_in": 8,
-        "num_latents": 32,
-        "k": 4,
-        "signed": False,
-        "skip_connection": False,
-        "transcode": False,
-    }
-    raw["activation"] = "topk"
-    with caplog.at_level(logging.WARNING, logger="mmsae.sae.model"):
+    """Older sparsify wrote ``signed`` and ``jumprelu``, which current sparsify drops; current sparsify writes
+    ``activation``, ``skip_connection`` and ``transcode``, which are not legacy and draw no warning."""
+    raw = {"d_in": 8, "num_latents": 32, "k": 4, "signed": False, "jumprelu": False,
+           "activation": "topk", "skip_connection": False, "transcode": False}
+    with caplog.at_level(logging.INFO, logger="mmsae.sae.model"):
         cfg = SaeConfig.model_validate(raw)
     assert cfg.effective_num_latents == 32
-    for key in ("signed", "skip_connection", "transcode", "activation"):
-        assert any(key in rec.getMessage() for rec in caplog.records), key
-    assert "signed" not in cfg.to_cfg_json()
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING]
+    messages = " ".join(rec.getMessage() for rec in caplog.records)
+    assert "signed" in messages and "jumprelu" in messages
+    assert not any(key in messages for key in ("activation", "skip_connection", "transcode"))
+    assert not set(raw) - {"d_in", "num_latents", "k"} & set(cfg.to_cfg_json())
 
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("signed", True), ("skip_connection", True), ("transcode", True), ("activation", "groupmax")],
+    [("signed", True), ("jumprelu", True), ("skip_connection", True), ("transcode", True),
+     ("activation", "groupmax")],
 )
 def test_config_rejects_unsupported_legacy_values(key: str, value: object) -> None:
     with pytest.raises(SaeConfigError, match=key):
@@ -219,6 +217,64 @@ def test_auxk_is_zero_without_dead_latents_and_uses_default_k_aux() -> None:
     )
     with pytest.raises(ValueError, match="dead_mask"):
         sae(x, dead_mask=torch.ones(39, dtype=torch.bool))
+
+
+def test_auxk_rejects_a_non_positive_width_only_when_latents_are_dead() -> None:
+    sae = _randomised(SaeConfig(d_in=8, num_latents=40, k=3))
+    x = torch.randn(12, 8)
+    assert float(sae(x, dead_mask=torch.zeros(40, dtype=torch.bool), k_aux=0).auxk_loss) == 0.0
+    with pytest.raises(ValueError, match="k_aux must be positive"):
+        sae(x, dead_mask=torch.arange(40) < 4, k_aux=0)
+    with pytest.raises(ValueError, match="dead_mask"):
+        sae(x, dead_mask=torch.ones(40))  # not bool
+
+
+@pytest.mark.parametrize("every", [5, 2])  # the dense path over the dead subset; the sparse kernels
+def test_variance_of_divides_every_loss_and_total_variance_only_the_fvus(every: int) -> None:
+    sae = _randomised(SaeConfig(d_in=8, num_latents=40, k=3, multi_topk=True), seed=5)
+    x = torch.randn(30, 8)
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[::every] = True
+    base = sae(x, dead_mask=dead, k_aux=4)
+    assert float(base.auxk_loss.detach()) > 0 and float(base.multi_topk_fvu.detach()) > 0
+
+    def doubled(z: torch.Tensor) -> torch.Tensor:
+        return 2.0 * (z - z.mean(0)).pow(2).sum()
+
+    scaled = sae(x, dead_mask=dead, k_aux=4, variance_of=doubled)
+    for field in ("fvu", "auxk_loss", "multi_topk_fvu"):
+        torch.testing.assert_close(getattr(scaled, field), getattr(base, field) / 2, msg=field)
+    total = 4.0 * (x - x.mean(0)).pow(2).sum()
+    given = sae(x, dead_mask=dead, k_aux=4, total_variance=total, variance_of=doubled)
+    torch.testing.assert_close(given.fvu, base.fvu / 4)
+    torch.testing.assert_close(given.multi_topk_fvu, base.multi_topk_fvu / 4)
+    torch.testing.assert_close(given.auxk_loss, base.auxk_loss / 2)  # over the residual's variance
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_auxk_dense_subset_and_sparse_paths_agree_with_multi_topk(
+    monkeypatch: pytest.MonkeyPatch, normalize: bool
+) -> None:
+    import mmsae.sae.model as sae_model
+
+    cfg = SaeConfig(d_in=8, num_latents=40, k=2, multi_topk=True)
+    x = torch.randn(30, 8)
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[::5] = True  # 8 of 40: the dense path at the default ratio
+    results = []
+    for ratio in (sae_model.AUX_SUBSET_RATIO, 100):  # 100: too many dead for the dense path, the sparse one
+        monkeypatch.setattr(sae_model, "AUX_SUBSET_RATIO", ratio)
+        sae = _randomised(cfg, seed=6)
+        sae.normalize_in_forward = normalize
+        out = sae(x, dead_mask=dead, k_aux=5)
+        (out.fvu + out.auxk_loss + out.multi_topk_fvu).backward()
+        results.append((out, {name: p.grad for name, p in sae.named_parameters()}))
+    (subset, subset_grads), (sparse, sparse_grads) = results
+    assert float(subset.auxk_loss.detach()) > 0
+    for field in ("fvu", "auxk_loss", "multi_topk_fvu"):
+        torch.testing.assert_close(getattr(subset, field), getattr(sparse, field), msg=field)
+    for name, grad in subset_grads.items():
+        torch.testing.assert_close(grad, sparse_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_multi_topk_fvu_reconstructs_with_4k_latents_and_returns_the_top_k() -> None:

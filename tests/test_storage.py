@@ -10,6 +10,7 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mmsae import storage
@@ -162,7 +163,7 @@ def test_upload_dir_sends_manifest_last(base: str, tmp_path: Path, monkeypatch: 
         order.append(Path(local_path).name)
         real_upload(local_path, uri, **kwargs)
 
-    monkeypatch.setattr(storage, "upload_file", recording_upload)
+    monkeypatch.setattr(storage.transfer, "upload_file", recording_upload)
     storage.upload_dir(src, storage.join(base, "art"))
     assert order == ["a.bin", "z.bin", "manifest.json"]
 
@@ -519,7 +520,7 @@ def test_second_s3_server_runs_beside_the_first_stops_cleanly_and_keeps_objects(
 
 
 def test_remove_stale_temps_removes_only_the_named_writers_temps(tmp_path):
-    from mmsae.storage import _TMP_PREFIX
+    from mmsae.storage.files import _TMP_PREFIX
 
     (tmp_path / "sub").mkdir()
     mine = tmp_path / "sub" / f"{_TMP_PREFIX}shard-001-00003.safetensors.abc"
@@ -604,10 +605,19 @@ def test_cache_dir_is_keyed_by_uri_and_fingerprint(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("MMSAE_CACHE_DIR", str(tmp_path / "c"))
     uri = "s3://bucket/models/my model/"
     plain = storage.cache_dir("models", uri)
-    digest = hashlib.sha256(b"s3://bucket/models/my model").hexdigest()[:16]
-    assert plain == tmp_path / "c" / "models" / f"my_model-{digest}"
+    assert plain.parent == tmp_path / "c" / "models"  # under $MMSAE_CACHE_DIR/<section>
+    assert plain.name.startswith("my_model-")  # a readable stem: the URI's last part, made path-safe
+    assert storage.cache_dir("models", uri) == plain  # the same URI: the same folder
+    assert storage.cache_dir("models", uri.rstrip("/")) == plain  # a trailing slash names the same thing
+    others = {storage.cache_dir("models", other) for other in
+              ("s3://bucket/models/my model2", "s3://other/models/my model", "s3://bucket/v2/my model")}
+    assert len(others | {plain}) == 4  # different URIs (the same last part included): different folders
+    assert storage.cache_dir("datasets", uri).parent == tmp_path / "c" / "datasets"
+
     a, b = storage.cache_dir("models", uri, "a" * 64), storage.cache_dir("models", uri, "b" * 64)
-    assert len({plain, a, b}) == 3 and a.parent == plain.parent
+    assert len({plain, a, b}) == 3 and a.parent == b.parent == plain.parent  # a fingerprint changes the folder
+    assert storage.cache_dir("models", uri, "a" * 64) == a
+    assert storage.cache_dir("models", "s3://bucket/", default_stem="model").name.startswith("bucket-")
 
 
 def test_download_cached_downloads_once_and_serves_the_copy(
@@ -629,7 +639,31 @@ def test_download_cached_downloads_once_and_serves_the_copy(
     def no_download(*args, **kw):
         raise AssertionError("a complete cached copy must not be downloaded again")
 
-    monkeypatch.setattr(storage, "download_dir", no_download)
-    monkeypatch.setattr(storage, "download_file", no_download)
+    monkeypatch.setattr(storage.transfer, "download_dir", no_download)
+    monkeypatch.setattr(storage.transfer, "download_file", no_download)
     assert storage.download_cached(remote, tmp_path / "cache" / "d") == got
     assert storage.download_cached(obj, tmp_path / "cache" / "o") == one
+
+
+def test_json_is_standard_non_finite_numbers_written_as_null(tmp_path):
+    import math
+
+    uri = str(tmp_path / "figures.json")
+    storage.write_json(uri, {"loss": float("nan"), "max": [float("inf"), 1.5], "n": np.int64(3)})
+    text = Path(uri).read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    strict = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert strict == {"loss": None, "max": [None, 1.5], "n": 3}
+    assert json.loads(storage.json_text([-math.inf])) == [None]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_read_range_returns_only_the_asked_bytes(where, tmp_path, request):
+    base = request.getfixturevalue("s3_env") if where == "s3" else str(tmp_path)
+    uri = storage.join(base, "data.bin")
+    storage.write_bytes(uri, bytes(range(100)))
+    assert storage.read_range(uri, 10, 14) == bytes([10, 11, 12, 13])
+    assert storage.read_range(uri, 98, 200) == bytes([98, 99])
+    assert storage.read_range(uri, 5, 5) == b""
+    with pytest.raises(FileNotFoundError, match="missing.bin"):
+        storage.read_range(storage.join(base, "missing.bin"), 0, 4)

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from mmsae.config import ToyLMMConfig, ToyWorldConfig
@@ -286,7 +287,7 @@ def test_default_image_token_count_stays_small():
     world = ToyWorldConfig(max_size=96)
     counts = set()
     for w, h in [(world.min_size, world.min_size), (world.min_size, world.max_size), (world.max_size, 77)]:
-        im = toy.Image.new("RGB", (w, h))
+        im = Image.new("RGB", (w, h))
         ids = processor(images=[im], text=[toy.PROMPT])["input_ids"][0]
         counts.add(sum(i == processor.tokenizer.image_token_id for i in ids))
     assert max(counts) <= 80 and len(counts) > 1
@@ -297,12 +298,12 @@ def test_cached_rows_of_the_toy_world_point_at_the_pixels_the_processor_gave_the
     # must show what the original image shows inside that cell's box (patch_box), on toy images of varied
     # sizes (AnyRes tiles with unpadding). Compared by mean colour, the images being flat-coloured shapes.
 
-    from mmsae import activations as A
+    from mmsae import activations
     from mmsae.config import RunConfig
     from mmsae.data.images import load_image_set
     from mmsae.models import load_lmm, patch_box
     from mmsae.stages import cache
-    from mmsae.stages.common import model_prompt
+    from mmsae.stages._base import model_prompt
 
     _, model, _ = trained
     world = tmp_path / "world"
@@ -313,7 +314,7 @@ def test_cached_rows_of_the_toy_world_point_at_the_pixels_the_processor_gave_the
     cfg.cache = cfg.cache.model_copy(update={"image_set": str(world), "model": str(model), "split": "train",
                                              "out": str(tmp_path / "acts"), "layers": [0], "num_workers": 0})
     cache.run(cfg)
-    shards = A.ActivationShards(str(tmp_path / "acts"))
+    shards = activations.ActivationShards(str(tmp_path / "acts"))
     rows = {k: torch.cat([s[k] for s in shards.iter_shards()]) for k in ("image_idx", "view", "row", "col")}
     lmm = load_lmm(model)
     ip = lmm.processor.image_processor

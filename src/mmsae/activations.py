@@ -7,6 +7,11 @@ An activation-shard artifact is a directory (local or ``s3://``)::
     progress-RRR.json                              rank RRR's resume point (removed when the artifact is sealed)
     progress-RRR/NNNNN.json                        the images of rank RRR's shard set NNNNN (removed likewise)
     images.json                                    per image: dataset row, width, height (and the skipped ones)
+    images.bin                                     the same rows as a binary table (see `ImageTable`)
+
+The manifest names the inputs (``image_set``, ``model``) and records in ``extra`` the hook points, their
+widths, the dtype, the split of the image set and the prompt the images were given with (``split``,
+``prompt``): what the stages that read the shards need to find the images and run the model as it was run.
 
 A shard holds whole images only, so shard boundaries are the same for every hook point, and holds the
 columns ``acts`` [n, d] (the configured dtype), ``image_idx`` [n] (row of the image set), ``token_pos``
@@ -23,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -38,6 +44,13 @@ VIEW_TEXT = -1
 VIEW_NEWLINE = -2
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SHARD_RE = re.compile(r"^shard-(\d{3})-(\d{5})\.safetensors$")
+
+
+IMAGES_FILE = "images.json"
+IMAGE_TABLE_FILE = "images.bin"
+IMAGE_TABLE_ROW = np.dtype("<i8")
+"""``images.bin`` holds one row of three little-endian int64 (image_idx, width, height) per cached image,
+ascending by image_idx: row r lies at bytes ``[24 r, 24 r + 24)``."""
 
 
 class ShardFormatError(ValueError):
@@ -96,6 +109,33 @@ class ShardRef:
     """Rows holding NaN or inf, as counted when the shard was written (None: not recorded)."""
 
 
+class ImageTable:
+    """Image sizes by image_idx over a sorted ``[n, 3]`` int64 table: 24 bytes an image, no per-image object."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def __contains__(self, image_idx: int) -> bool:
+        return self._row(image_idx) is not None
+
+    def __getitem__(self, image_idx: int) -> tuple[int, int]:
+        row = self._row(image_idx)
+        if row is None:
+            raise KeyError(f"image {image_idx} was not cached")
+        return int(self.rows[row, 1]), int(self.rows[row, 2])
+
+    def _row(self, image_idx: int) -> int | None:
+        row = int(np.searchsorted(self.rows[:, 0], image_idx))
+        return row if row < len(self) and int(self.rows[row, 0]) == image_idx else None
+
+    def ids(self) -> np.ndarray:
+        """Every cached image_idx, ascending."""
+        return self.rows[:, 0]
+
+
 class ActivationShards:
     """A sealed activation-shard artifact, opened for reading (checksums verified on every read)."""
 
@@ -108,11 +148,32 @@ class ActivationShards:
         """Width of the first hook point's activations (see :meth:`dim` for each hook point)."""
         self.dims: dict[str, int] = {h: int(extra.get("dims", {}).get(h, self.d)) for h in self.hookpoints}
         self.dtype: str = str(extra["dtype"])
+        self.image_set: str = self.manifest.inputs.get("image_set", "")
+        """URI of the image set the activations were taken over ('' when not recorded)."""
+        self.model: str = self.manifest.inputs.get("model", "")
+        """URI of the LMM the activations were taken from ('' when not recorded)."""
+        cache_config = (self.manifest.config or {}).get("cache", {})
+        self.split: str | None = extra.get("split", cache_config.get("split"))
+        """Split of the image set that was cached (None: its default split)."""
+        self.prompt: str | None = extra.get("prompt", cache_config.get("prompt"))
+        """The text the images were given with (None when not recorded: the model's own prompt)."""
         self._shards: dict[str, list[ShardRef]] = {
             h: [ShardRef(h, s["name"], s["rows"], s["first_image"], s["end_image"], s.get("nonfinite"))
                 for s in extra["shards"][h]]
             for h in self.hookpoints
         }
+
+    def image_sizes(self) -> ImageTable:
+        """The (width, height) of every cached image, by image_idx (read from ``images.bin``, whose rows are
+        looked up by binary search; shards written before it existed fall back to ``images.json``)."""
+        if IMAGE_TABLE_FILE in self.manifest.files:
+            data = storage.read_verified_bytes(self.uri, IMAGE_TABLE_FILE, self.manifest)
+            return ImageTable(np.frombuffer(data, dtype=IMAGE_TABLE_ROW).reshape(-1, 3))
+        if IMAGES_FILE not in self.manifest.files:
+            raise ShardFormatError(f"the shards at {self.uri} list no image sizes ({IMAGE_TABLE_FILE} or "
+                                   f"{IMAGES_FILE})")
+        rows = json.loads(storage.read_verified_bytes(self.uri, IMAGES_FILE, self.manifest))["images"]
+        return ImageTable(np.asarray(rows, dtype=IMAGE_TABLE_ROW).reshape(-1, 3))
 
     def dim(self, hookpoint: str) -> int:
         """Width of the activations of ``hookpoint``."""
@@ -139,208 +200,9 @@ class ActivationShards:
         return sum(s.rows for s in self.shards(hookpoint))
 
 
-# ---------------------------------------------------------------------------------------------------
-# Training batches: shuffled across shards, deterministic, resumable, split over data-parallel ranks
-
-
-@dataclass
-class StreamState:
-    """Where a :class:`BatchStream` stands: resume a run by handing this back."""
-
-    epoch: int = 0
-    window: int = 0
-    batch: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "window": self.window, "batch": self.batch}
-
-
-def heldout_images(image_idx: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
-    """Bool mask: rows whose image is held out (a seeded hash of the image index, stable across runs)."""
-    if fraction <= 0:
-        return torch.zeros_like(image_idx, dtype=torch.bool)
-    h = (image_idx.to(torch.int64) * 0x9E3779B1 + (seed + 1) * 0x85EBCA77) % 1_000_003
-    return h < int(fraction * 1_000_003)
-
-
 def token_mask(cols: dict[str, torch.Tensor], tokens: str) -> torch.Tensor:
     """Rows of the chosen kind: 'image' (every image token), 'text', or 'all'."""
     if tokens == "all":
         return torch.ones_like(cols["view"], dtype=torch.bool)
     is_text = cols["view"] == VIEW_TEXT
     return ~is_text if tokens == "image" else is_text
-
-
-class BatchStream:
-    """Yields ``(state_after, {hookpoint: x [rows_per_rank, d]})`` batches of a global size.
-
-    Every epoch permutes the shards (seeded by ``seed`` and the epoch); ``window_shards`` consecutive shards
-    form a window whose rows (every hook point alike) are permuted together and cut into global batches;
-    rank ``r`` of ``world`` takes the ``r``-th slice of each global batch, so the global batches do not depend
-    on the world size. Rows that do not fill a whole batch at the end of a window are left out of that
-    epoch. The next window is read in a background thread while the current one is consumed.
-
-    With a ``group`` (a process group of the ``world`` ranks, used by the reading thread alone), each shard of
-    a window is read by one rank only and the rows are exchanged (one all-to-all per window), so storage
-    traffic does not grow with the number of ranks; without one, every rank reads every shard of a window.
-    Either way rank ``r`` gets the same rows. Every rank must consume the same windows in the same order.
-    """
-
-    def __init__(
-        self,
-        shards: ActivationShards,
-        hookpoints: list[str],
-        batch_size: int,
-        *,
-        epochs: int = 1,
-        seed: int = 0,
-        window_shards: int = 4,
-        rank: int = 0,
-        world: int = 1,
-        tokens: str = "all",
-        heldout_fraction: float = 0.0,
-        dtype: torch.dtype = torch.float32,
-        group: Any = None,
-    ):
-        if batch_size % world:
-            raise ValueError(f"batch size {batch_size} does not divide by the world size {world}")
-        self.shards, self.hookpoints = shards, hookpoints
-        self.batch_size, self.epochs, self.seed = batch_size, epochs, seed
-        self.window_shards, self.rank, self.world = window_shards, rank, world
-        self.tokens, self.heldout_fraction, self.dtype = tokens, heldout_fraction, dtype
-        self.group = group if world > 1 else None
-        self.n_shards = len(shards.shards(hookpoints[0]))
-        for h in hookpoints[1:]:
-            if len(shards.shards(h)) != self.n_shards:
-                raise ShardFormatError(f"hook points {hookpoints[0]} and {h} of {shards.uri} differ in shard count")
-
-    def windows(self, epoch: int) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.n_shards, generator=g).tolist()
-        w = self.window_shards
-        return [order[i : i + w] for i in range(0, len(order), w)]
-
-    def estimated_steps(self) -> int:
-        """Batches in the whole run: per window, its rows from the manifest times the share of rows that are
-        trained on (the token kind, not held out), measured on the first window, cut into whole batches."""
-        refs = self.shards.shards(self.hookpoints[0])
-        first = self.windows(0)[0]
-        rows = kept = 0
-        for s in first:
-            cols = self.shards.read(refs[s])
-            rows += int(cols["view"].numel())
-            kept += int(self._keep(cols).sum())
-        share = kept / rows if rows else 0.0
-        steps = 0
-        for epoch in range(self.epochs):
-            for window in self.windows(epoch):
-                steps += int(share * sum(refs[s].rows for s in window)) // self.batch_size
-        return max(1, steps)
-
-    def _keep(self, cols: dict[str, torch.Tensor]) -> torch.Tensor:
-        return token_mask(cols, self.tokens) & ~heldout_images(cols["image_idx"], self.heldout_fraction, self.seed)
-
-    def _load_window(self, epoch: int, wi: int, shard_ids: list[int]) -> dict[str, torch.Tensor]:
-        """The window's rows (every shard read here), permuted: ``[rows, d]`` per hook point."""
-        parts = [self._read_kept(s) for s in shard_ids]
-        n = sum(int(p[self.hookpoints[0]].shape[0]) for p in parts)
-        perm = self._window_perm(epoch, wi, n)
-        return {h: torch.cat([p[h] for p in parts])[perm].to(self.dtype) for h in self.hookpoints}
-
-    def _window_perm(self, epoch: int, wi: int, n: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_007 + wi)
-        return torch.randperm(n, generator=g)
-
-    def _read_kept(self, shard_index: int) -> dict[str, torch.Tensor]:
-        """The rows of one shard that are trained on, per hook point (NaN/inf refused, naming the shard)."""
-        refs = {h: self.shards.shards(h)[shard_index] for h in self.hookpoints}
-        out: dict[str, torch.Tensor] = {}
-        first = None
-        for h in self.hookpoints:
-            cols = self.shards.read(refs[h])
-            if first is None:
-                first, keep = cols, self._keep(cols)
-            elif not torch.equal(cols["token_pos"], first["token_pos"]):
-                raise ShardFormatError(f"shard {refs[h].name} rows do not line up with {refs[self.hookpoints[0]].name}")
-            x = cols["acts"][keep]
-            bad = int((~torch.isfinite(x)).any(dim=1).sum())
-            if bad:
-                raise ShardFormatError(f"{storage.join(self.shards.uri, refs[h].name)}: {bad} rows hold NaN "
-                                       f"or inf (hook point {h})")
-            out[h] = x
-        return out
-
-    def _load_window_shared(self, epoch: int, wi: int, shard_ids: list[int]) -> dict[str, torch.Tensor]:
-        """This rank's rows of the window's global batches, ``[n_batches * per_rank, d]`` per hook point, in
-        batch order; each shard read by one rank, the rows sent to the ranks whose batch slices hold them."""
-        dist, world, rank, group = torch.distributed, self.world, self.rank, self.group
-        mine = [j for j in range(len(shard_ids)) if j % world == rank]
-        parts = {j: self._read_kept(shard_ids[j]) for j in mine}
-        h0 = self.hookpoints[0]
-        counts = torch.zeros(len(shard_ids), dtype=torch.int64)
-        for j, x in parts.items():
-            counts[j] = x[h0].shape[0]
-        dist.all_reduce(counts, group=group)
-        starts = torch.cumsum(counts, 0) - counts
-        n = int(counts.sum())
-        perm = self._window_perm(epoch, wi, n)
-        where = torch.empty(n, dtype=torch.int64)
-        where[perm] = torch.arange(n)  # global position of each row of the window's concatenation
-        per_rank = self.batch_size // world
-        used = n // self.batch_size * self.batch_size
-        widths = [self.shards.dim(h) for h in self.hookpoints]
-        if mine:
-            rows = torch.cat([torch.cat([parts[j][h].float() for h in self.hookpoints], 1) for j in mine])
-            pos = where[torch.cat([torch.arange(int(starts[j]), int(starts[j] + counts[j])) for j in mine])]
-        else:
-            rows, pos = torch.zeros(0, sum(widths)), torch.zeros(0, dtype=torch.int64)
-        keep = pos < used
-        rows, pos = rows[keep], pos[keep]
-        dest = (pos % self.batch_size) // per_rank
-        slot = pos // self.batch_size * per_rank + pos % per_rank
-        order = torch.argsort(dest, stable=True)
-        rows, slot = rows[order], slot[order]
-        send = torch.bincount(dest, minlength=world)
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=group)
-        send_l, recv_l = send.tolist(), recv.tolist()
-        got = rows.new_empty(sum(recv_l), rows.shape[1])
-        dist.all_to_all_single(got, rows.contiguous(), recv_l, send_l, group=group)
-        got_slot = slot.new_empty(sum(recv_l))
-        dist.all_to_all_single(got_slot, slot.contiguous(), recv_l, send_l, group=group)
-        local = got.new_empty(used // world, rows.shape[1])
-        local[got_slot] = got  # slots are this rank's local row indices
-        out, at = {}, 0
-        for h, w in zip(self.hookpoints, widths, strict=True):
-            out[h] = local[:, at : at + w].to(self.dtype)
-            at += w
-        return out
-
-    def __iter__(self):
-        raise TypeError("use stream.iterate(state)")
-
-    def iterate(self, state: StreamState | None = None):
-        from concurrent.futures import ThreadPoolExecutor
-
-        state = state or StreamState()
-        plan = [(e, wi, ids) for e in range(state.epoch, self.epochs) for wi, ids in enumerate(self.windows(e))
-                if e > state.epoch or wi >= state.window]
-        if not plan:
-            return
-        per_rank = self.batch_size // self.world
-        shared = self.group is not None
-        load = self._load_window_shared if shared else self._load_window
-        lo, hi = (0, per_rank) if shared else (self.rank * per_rank, (self.rank + 1) * per_rank)
-        step = per_rank if shared else self.batch_size
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(load, *plan[0])
-            for i, (epoch, wi, _ids) in enumerate(plan):
-                rows = future.result()
-                if i + 1 < len(plan):
-                    future = pool.submit(load, *plan[i + 1])
-                n_batches = next(iter(rows.values())).shape[0] // step
-                start = state.batch if (epoch, wi) == (state.epoch, state.window) else 0
-                for b in range(start, n_batches):
-                    base = b * step
-                    after = StreamState(epoch, wi, b + 1)
-                    yield after, {h: x[base + lo : base + hi] for h, x in rows.items()}

@@ -1,22 +1,81 @@
 """The ``mmsae`` command: one sub-command per stage, plus the demo and the pipeline tools.
 
-Every command takes ``--config FILE`` (a run config in YAML) and ``--set key.sub=value`` overrides.
+Every command takes ``--config FILE`` (a run config in YAML) and ``--set key.sub=value`` overrides;
+``mmsae config show --explain`` prints every setting with its value and meaning. An expected error (a bad
+config, a missing input, an output made from another config, a stage's own error) is printed as one
+``error: <message>`` and exits non-zero; ``mmsae --debug`` (or ``$MMSAE_DEBUG=1``) shows its traceback.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperGroup
 
-from mmsae.config import ConfigError, RunConfig, dump_config, load_config
+from mmsae import storage
+from mmsae.config import RunConfig, dump_config, explain_config, load_config
 
-app = typer.Typer(help="Find and explain the SAE features of large multimodal models.", no_args_is_help=True)
+DEBUG_ENV = "MMSAE_DEBUG"
+"""``MMSAE_DEBUG=1`` does what ``mmsae --debug`` does: expected errors are raised with their traceback."""
+
+USER_ERRORS = frozenset({
+    "ConfigError", "OutputMismatchError", "CacheError", "TrainError", "MineError", "SelectionError",
+    "ReportError", "ShardFormatError", "TopExamplesError", "StorageError", "StorageURIError", "ManifestError",
+    "TrackingError", "ImageSetError", "ToyWorldError", "ModelFormatError", "HookPointError", "ToyLMMError",
+    "SaeConfigError", "CheckpointError", "ExplainError",
+})
+"""Names of mmsae's error classes that a user can cause and fix (a config, an input, an existing output),
+reported as one line rather than a traceback; their subclasses too. Matched by name among the classes of
+the error (defined in ``mmsae``), so that no stage is imported to report an error."""
+
+CONFIG_ERROR_EXIT = 2
+"""Exit status of a config error (as for a bad command line); other expected errors exit with 1."""
+
+
+def user_error_exit_code(exc: BaseException) -> int | None:
+    """The exit status for an expected user error, or None for an unexpected one (shown with its traceback).
+
+    Expected: an error of (or derived from) a class named in :data:`USER_ERRORS`, or a missing file.
+    """
+    names = {cls.__name__ for cls in type(exc).__mro__ if cls.__module__.split(".")[0] == "mmsae"}
+    if "ConfigError" in names:
+        return CONFIG_ERROR_EXIT
+    if names & USER_ERRORS or isinstance(exc, FileNotFoundError):
+        return 1
+    return None
+
+
+def debug_requested(ctx: click.Context) -> bool:
+    """``--debug`` on the command line or ``$MMSAE_DEBUG`` set to 1 / true."""
+    return bool(ctx.params.get("debug")) or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
+
+
+class ErrorReportingGroup(TyperGroup):
+    """The top-level command group: the one place where expected errors of every command become one line."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            code = user_error_exit_code(exc)
+            if code is None or debug_requested(ctx):
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code) from None
+
+
+EXPLAIN_HINT = "Every setting, with its value and meaning: mmsae config show --explain."
+
+app = typer.Typer(help="Find and explain the SAE features of large multimodal models.", no_args_is_help=True,
+                  cls=ErrorReportingGroup)
 toyworld_app = typer.Typer(help="The built-in toy world: generated scenes and a tiny captioning LLaVA-NeXT.")
 pipeline_app = typer.Typer(help="The Kubeflow pipeline: compile it for a cluster.")
 config_app = typer.Typer(help="Inspect and validate run configs.")
@@ -28,14 +87,23 @@ app.add_typer(config_app, name="config")
 
 log = logging.getLogger("mmsae")
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Run config (YAML); defaults if omitted.")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Run config (YAML); defaults if omitted. Keys: mmsae config show --explain."),
+]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="Override a config key: --set cache.batch_size=8 (repeatable).")
 ]
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help=f"Show the traceback of expected errors too (or ${DEBUG_ENV}=1).")
+    ] = False,
+) -> None:
+    """Set up logging; ``debug`` is read from the context by :class:`ErrorReportingGroup`."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -44,20 +112,24 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
 
 
 def _config(path: Path | None, overrides: list[str] | None) -> RunConfig:
-    try:
-        return load_config(path, overrides or [])
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    return load_config(path, overrides or [])
 
 
 @config_app.command("show")
-def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Print the resolved run config (file + overrides + defaults) as YAML."""
-    typer.echo(dump_config(_config(config, set_)), nl=False)
+def config_show(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Each key's meaning above it, as a comment.")] = False,
+) -> None:
+    """Print the resolved run config (file + overrides + defaults) as YAML.
+
+    With --explain, each section and key comes under its description (the text still reads as YAML).
+    """
+    cfg = _config(config, set_)
+    typer.echo(explain_config(cfg) if explain else dump_config(cfg), nl=False)
 
 
-@toyworld_app.command("build")
+@toyworld_app.command("build", epilog=EXPLAIN_HINT)
 def toyworld_build(
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -75,10 +147,10 @@ def toyworld_build(
     if workdir:
         cfg.run.workdir = workdir
     out = toyworld.run(cfg)
-    typer.echo(json.dumps({"image_set": out.image_set_uri, "lmm": out.lmm_uri, **out.figures}, indent=2))
+    typer.echo(storage.json_text({"image_set": out.uri, "lmm": out.uris["lmm"], **out.figures}, indent=2))
 
 
-@app.command()
+@app.command(epilog=EXPLAIN_HINT)
 def cache(
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -101,10 +173,10 @@ def cache(
         cfg.cache.out = out
     result = stage.run(cfg, image_set=image_set, model=model)
     if result.figures:
-        typer.echo(json.dumps({"shards": result.uri, **result.figures}, indent=2))
+        typer.echo(storage.json_text({"shards": result.uri, **result.figures}, indent=2))
 
 
-@app.command()
+@app.command(epilog=EXPLAIN_HINT)
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -125,15 +197,16 @@ def train(
         cfg.train.out = out
     result = stage.run(cfg, shards=shards)
     if int(os.environ.get("RANK", "0")) == 0:
-        typer.echo(json.dumps({"sae": result.uri, **result.figures}, indent=2))
+        typer.echo(storage.json_text({"sae": result.uri, **result.figures}, indent=2))
 
 
-@app.command()
+@app.command(epilog=EXPLAIN_HINT)
 def mine(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     shards: Annotated[str | None, typer.Option(help="Activation-shard URI (overrides mine.shards).")] = None,
     sae: Annotated[str | None, typer.Option(help="Trained SAE folder URI (overrides mine.sae).")] = None,
+    out: Annotated[str | None, typer.Option(help="Output URI (overrides mine.out).")] = None,
 ) -> None:
     """Find each SAE feature's top activating images, their per-token maps and heat maps.
 
@@ -145,11 +218,38 @@ def mine(
     from mmsae.stages import mine as stage
 
     cfg = _config(config, set_)
+    if out:
+        cfg.mine.out = out
     result = stage.run(cfg, shards=shards, sae=sae)
-    typer.echo(json.dumps({"top_examples": result.uri, **result.figures}, indent=2))
+    typer.echo(storage.json_text({"top_examples": result.uri, **result.figures}, indent=2))
 
 
-@app.command()
+@app.command(epilog=EXPLAIN_HINT)
+def explain(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    top_examples: Annotated[str | None, typer.Option(help="Top-examples URI (overrides explain.top_examples).")] = None,
+    out: Annotated[str | None, typer.Option(help="Output URI (overrides explain.out).")] = None,
+) -> None:
+    """Describe each selected feature from the masked renderings of its top images.
+
+    Reads the `explain` config section and the top-examples artifact of the mine stage (default
+    RUN.WORKDIR/mine). Asks an OpenAI-compatible server (explain.endpoint or $OPENAI_BASE_URL, the key from
+    $OPENAI_API_KEY) or, without one, the LMM the shards were cached from, in this process. Writes
+    explanations.jsonl, explanations_paper.json and a manifest to explain.out (default RUN.WORKDIR/explain);
+    every answer is kept in explain.cache (default RUN.WORKDIR/explain-cache), so a rerun asks only what is
+    still unanswered.
+    """
+    from mmsae.stages import explain as stage
+
+    cfg = _config(config, set_)
+    if out:
+        cfg.explain.out = out
+    result = stage.run(cfg, top_examples=top_examples)
+    typer.echo(storage.json_text({"explanations": result.uri, **result.figures}, indent=2))
+
+
+@app.command(epilog=EXPLAIN_HINT)
 def report(
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -170,8 +270,8 @@ def report(
     cfg = _config(config, set_)
     if out:
         cfg.report.out = out
-    r = stage.run(cfg, top_examples=top_examples, explanations=explanations, scores=scores, steering=steering)
-    typer.echo(json.dumps({"report": r.index_uri, **r.figures}, indent=2))
+    result = stage.run(cfg, top_examples=top_examples, explanations=explanations, scores=scores, steering=steering)
+    typer.echo(storage.json_text({"report": result.uris["index"], **result.figures}, indent=2))
 
 
 @sae_app.command("export-saelens")
@@ -193,7 +293,7 @@ def sae_export_saelens(
     typer.echo(out)
 
 
-@app.command()
+@app.command(epilog=EXPLAIN_HINT)
 def demo(
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -206,7 +306,7 @@ def demo(
     from mmsae.demo import DEMO_PROFILE, run_demo
 
     summary = run_demo(_config(config or DEMO_PROFILE, set_), out)
-    typer.echo(json.dumps(summary, indent=2, sort_keys=True))
+    typer.echo(storage.json_text(summary, indent=2, sort_keys=True))
     typer.echo(f"summary: {Path(out).resolve() / 'summary.json'}")
     typer.echo(f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}")
     index = summary["steps"].get("report", {}).get("index")

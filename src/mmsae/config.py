@@ -1,11 +1,17 @@
 """One schema for a whole run: a section per stage, read from YAML plus ``--set a.b=value`` overrides.
 
 Every section forbids unknown keys, so a typo is an error that names the dotted path of the bad key and
-what was expected, never a silently ignored setting. Field docstrings are the CLI's help text.
+what was expected, never a silently ignored setting. Field docstrings are the settings' help text: `mmsae
+config show --explain` prints each one beside its value (:func:`explain_config`).
+
+Seeds: every section with a ``seed`` leaves it unset by default, and validation of the :class:`RunConfig`
+gives it ``run.seed``; a section seed set explicitly wins. After validation every seed is an int, so what
+a stage records (its manifest, its MLflow params) is the seed it used.
 """
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,10 +23,30 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the dotted key."""
 
 
+DEFAULT_SEED = 0
+"""``run.seed`` when none is given (and the seed of a seeded section built on its own)."""
+
+
 class Section(BaseModel):
     # overrides are parsed as YAML, so `run.name=2024` arrives as a number: text fields take it as text
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True,
                               coerce_numbers_to_str=True)
+
+
+class SeededSection(Section):
+    """A section with a ``seed`` field (``int | None = None``, declared by each section) that defaults
+    to ``run.seed`` (given by :class:`RunConfig`'s validation).
+
+    Built on its own, a section whose seed is unset takes :data:`DEFAULT_SEED`. ``seed`` counts as set
+    (``model_fields_set``) only when it was given as an int, so :class:`RunConfig` knows which to replace.
+    """
+
+    @model_validator(mode="after")
+    def _seed_alone(self) -> SeededSection:
+        if self.seed is None:
+            self.__dict__["seed"] = DEFAULT_SEED  # bypasses assignment validation: no recursion
+            self.model_fields_set.discard("seed")
+        return self
 
 
 class RunSection(Section):
@@ -28,8 +54,12 @@ class RunSection(Section):
     """Name of the run: the MLflow parent run's name and the default output folder's name."""
     workdir: str = "runs/mmsae"
     """Local path or s3:// URI under which stages write their artifacts unless a stage names its own."""
-    seed: int = 0
-    """Seed for every random choice of the run."""
+    seed: int = DEFAULT_SEED
+    """Seed of every random choice of the run: each section's `seed` left unset (or null) takes this value;
+    a section's own seed, when set, wins."""
+    overwrite: bool = False
+    """Replace a stage's existing output (sealed or partial) that was made from another config or other
+    inputs; without it such an output is refused with an error naming what changed."""
 
 
 class TrackingConfig(Section):
@@ -41,7 +71,7 @@ class TrackingConfig(Section):
     """MLflow experiment name (ignored when $MLFLOW_EXPERIMENT_ID or $MLFLOW_RUN_ID are set by Kubeflow)."""
 
 
-class ToyWorldConfig(Section):
+class ToyWorldConfig(SeededSection):
     n_train: int = Field(6000, ge=1)
     """Number of training images."""
     n_heldout: int = Field(500, ge=1)
@@ -50,7 +80,7 @@ class ToyWorldConfig(Section):
     """Smallest image side in pixels."""
     max_size: int = Field(64, ge=32)
     """Largest image side in pixels. 96 gives varied aspect ratios and multi-tile AnyRes views, which the toy
-    LMM learns more slowly (more image tokens per image); the default 64 x 64 keeps its training to minutes."""
+    LMM learns more slowly (more image tokens per image); the default 64 x 64 keeps its training short."""
     size_step: int = Field(8, ge=1)
     """Image sides are min_size plus a multiple of this."""
     long_side_max: bool = True
@@ -64,11 +94,11 @@ class ToyWorldConfig(Section):
     """Object textures (names known to the generator)."""
     shapes: list[str] = ["square"]
     """Object shapes; shapes are hard for the toy LMM, so no threshold depends on them."""
-    seed: int = 0
-    """Seed of the generator: the same seed gives the same images, byte for byte."""
+    seed: int | None = None
+    """Seed of the generator: the same seed gives the same images, byte for byte; default run.seed."""
 
 
-class ToyLMMConfig(Section):
+class ToyLMMConfig(SeededSection):
     base_size: int = Field(64, ge=16)
     """Side of the base view (and of each AnyRes tile) in pixels."""
     patch_size: int = Field(16, ge=2)
@@ -102,8 +132,8 @@ class ToyLMMConfig(Section):
     """AdamW weight decay."""
     eval_batch_size: int = Field(100, ge=1)
     """Held-out images per batch of greedy captioning when measuring accuracy."""
-    seed: int = 0
-    """Seed of the model's initialisation and of the batch order."""
+    seed: int | None = None
+    """Seed of the model's initialisation and of the batch order; default run.seed."""
 
 
 class CacheConfig(Section):
@@ -135,6 +165,9 @@ class CacheConfig(Section):
     """Cache only the first N images of the set."""
     num_workers: int = Field(1, ge=0)
     """Image-decoding and preprocessing worker processes (0: in the main process)."""
+    max_skipped: float = Field(0.05, ge=0)
+    """Most images that may fail to decode before the stage fails: a share of the image set when below 1
+    (0.05: 5 %), else a count; every skipped image is listed in the manifest by name either way."""
 
 
 class SaeVariant(Section):
@@ -146,7 +179,7 @@ class SaeVariant(Section):
     """Active latents per token; default train.k."""
 
 
-class TrainConfig(Section):
+class TrainConfig(SeededSection):
     shards: str = ""
     """Activation-shard artifact URI; empty: the pipeline's input (or `<run.workdir>/cache`)."""
     out: str = ""
@@ -213,10 +246,10 @@ class TrainConfig(Section):
     """Training states kept (the newest); older ones are deleted once a newer one is saved."""
     log_every: int = Field(50, ge=1)
     """Log metrics every this many steps."""
-    seed: int = 0
-    """Seed of initialisation and data order."""
+    seed: int | None = None
+    """Seed of initialisation, data order and the held-out split; default run.seed."""
     cpu_shm_comm: bool = False
-    """On the CPU, build DeepSpeed's shared-memory collective op (a C++ compile of minutes, once)."""
+    """On the CPU, build DeepSpeed's shared-memory collective op (a C++ compile, done once)."""
 
     @model_validator(mode="after")
     def _clip_alone(self) -> TrainConfig:
@@ -226,7 +259,7 @@ class TrainConfig(Section):
         return self
 
 
-class MineConfig(Section):
+class MineConfig(SeededSection):
     shards: str = ""
     """Activation-shard artifact URI; empty: the pipeline's input (or `<run.workdir>/cache`)."""
     sae: str = ""
@@ -268,6 +301,13 @@ class MineConfig(Section):
     """Heat-map PNGs of the top images of every mined feature, of the selected ones only, or none."""
     heatmap_top: int | None = Field(None, ge=1)
     """Heat maps for this many of each feature's top images; default all of them."""
+    heatmap_max_side: int | None = Field(384, ge=16)
+    """Long side in pixels of the heat-map PNGs: larger images are drawn scaled down to it (aspect ratio kept;
+    the map is sampled at the original image's geometry, so it stays aligned); null: the images' own size."""
+    logit_tokens: int = Field(10, ge=0)
+    """Tokens each feature's decoder direction promotes and suppresses most through the LMM's unembedding
+    (top and bottom of W_U · diag(final norm weight) · W_dec[f]), when the shards name a model with an LM
+    head whose width is the SAE's; 0: not computed."""
     gt_kinds: list[str] = ["color", "texture"]
     """Concept kinds of an image set with ground truth (`kind:name` concepts + masks) that the ground-truth
     figures average over; shapes are not learnt by the toy LMM, so leave them out."""
@@ -277,8 +317,111 @@ class MineConfig(Section):
     """Dtype the SAE encodes in."""
     device: str = "auto"
     """`auto` (cuda when present), `cpu` or `cuda:N`."""
-    seed: int = 0
-    """Seed of the quantile, negative and random-selection samples."""
+    seed: int | None = None
+    """Seed of the quantile, negative and random-selection samples; default run.seed."""
+
+
+class ExplainConfig(Section):
+    top_examples: str = ""
+    """Top-examples artifact URI (the mine stage's output); empty: the pipeline's input (or `<run.workdir>/mine`)."""
+    out: str = ""
+    """Where the explanations go; empty: `<run.workdir>/explain`."""
+    cache: str = ""
+    """Folder of the response cache (one small JSON file per question asked), so that a rerun, a retried step or
+    another layer of the run never asks the same question twice; empty: `<run.workdir>/explain-cache`."""
+    backend: Literal["auto", "openai", "local"] = "auto"
+    """Who explains: `openai`, an OpenAI-compatible chat-completions server serving a vision LMM (vLLM, SGLang,
+    KServe, a hosted API); `local`, a LLaVA-family checkpoint in this process, which captions each masked image
+    and keeps the concept words most captions share; `auto`: openai when explain.endpoint or $OPENAI_BASE_URL
+    is set, else local."""
+    endpoint: str = ""
+    """openai: the API's base URL, e.g. `http://vllm:8000/v1`; empty: $OPENAI_BASE_URL. The API key is read from
+    $OPENAI_API_KEY only, never from the config."""
+    model: str = ""
+    """openai: the name of the model the server serves (required); local: the checkpoint's URI (default: the
+    model the shards were cached from)."""
+    prompt_template: str = ""
+    """openai: the explanation prompt, a template file (path or s3:// URI; format in the packaged
+    mmsae/templates/explain_prompt.txt, after the paper's prompt); empty: the packaged one."""
+    detect_template: str = ""
+    """openai: the detection prompt the score stage asks (format in mmsae/templates/detect_prompt.txt); empty:
+    the packaged one."""
+    max_images: int = Field(5, ge=1)
+    """Masked top images shown per feature: the first of its top images that have a masked heat map."""
+    image_long_side: int | None = Field(384, ge=16)
+    """openai: each image is scaled so its long side has this many pixels (aspect ratio kept) and sent as a
+    base64 PNG; null: as the mine stage rendered it."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Most tokens per reply; default: 300 from a server, the checkpoint's own generation config locally."""
+    temperature: float = Field(0.0, ge=0)
+    """openai: sampling temperature (0: greedy, as the paper); the local backend is always greedy."""
+    concurrency: int = Field(32, ge=1)
+    """Requests in flight at once (sized for one vLLM server); the local backend captions the images of the
+    requests in flight together."""
+    timeout_s: float = Field(120.0, gt=0)
+    """openai: seconds an attempt may take before it is abandoned and retried."""
+    max_retries: int = Field(5, ge=0)
+    """openai: retries of an attempt that timed out, was rate-limited (429; Retry-After is honoured) or met a
+    server error (5xx), with exponential backoff. After the last the stage fails with one error naming the
+    endpoint; the answers so far stay in the cache."""
+    vocabulary: list[str] = []
+    """local: the concept words (or phrases) looked for in the captions, as whole words; empty: the toy world's
+    colours and textures."""
+    agreement: float = Field(0.5, ge=0, lt=1)
+    """local: a concept word explains a feature when more than this share of its images' captions name it."""
+    batch_size: int = Field(16, ge=1)
+    """local: images per generate call."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """local: dtype the checkpoint runs in."""
+    device: str = "auto"
+    """local: `auto` (cuda when present), `cpu` or `cuda:N`."""
+
+
+class ScoreConfig(SeededSection):
+    explanations: str = ""
+    """Explanations artifact URI (the explain stage's output); empty: the pipeline's input (or
+    `<run.workdir>/explain`)."""
+    top_examples: str = ""
+    """Top-examples artifact URI the explanations were made from (the mine stage's output); empty: the pipeline's
+    input (or `<run.workdir>/mine`)."""
+    out: str = ""
+    """Where the scores go; empty: `<run.workdir>/score`."""
+    scorers: list[Literal["iou", "clip", "detection", "ground_truth"]] = ["iou", "clip", "detection", "ground_truth"]
+    """Scorers to run, each beside its random baseline (the explanation paired with another feature's images):
+    `iou` (the feature's activation mask against a segmentation of what the explanation names), `clip` (CLIP
+    score of the explanation against the top images), `detection` (can the explainer tell activating from
+    non-activating images by the explanation: balanced accuracy) and `ground_truth` (does the explanation name
+    the planted concept; toy world). A scorer that cannot run (no model configured, no planted concepts) is
+    skipped with a logged reason."""
+    top_images: int = Field(5, ge=1)
+    """Top images per feature that IoU and CLIP score are measured on (the paper's top 5)."""
+    iou_threshold: float = Field(0.5, gt=0, lt=1)
+    """IoU: the activation map (full resolution, every view) is cut at this fraction of its own maximum."""
+    grounding_model: str = ""
+    """IoU on images without planted concepts: a GroundingDINO checkpoint (save_pretrained folder, local or
+    s3://, e.g. IDEA-Research/grounding-dino-base) that finds boxes of what the explanation names; needs
+    score.sam_model. Empty on the toy world: the planted concepts' own masks are the segmentation."""
+    sam_model: str = ""
+    """IoU: a SAM checkpoint (save_pretrained folder, local or s3://, e.g. facebook/sam-vit-huge) that turns
+    the grounding boxes into masks."""
+    box_threshold: float = Field(0.3, ge=0, le=1)
+    """IoU: GroundingDINO's box score threshold (the paper's 0.3)."""
+    text_threshold: float = Field(0.25, ge=0, le=1)
+    """IoU: GroundingDINO's text score threshold."""
+    clip_model: str = ""
+    """CLIP score: a CLIP checkpoint (save_pretrained folder, local or s3://, e.g. openai/clip-vit-base-patch32);
+    empty: the CLIP score is skipped."""
+    detect_images: int = Field(5, ge=1)
+    """Detection: activating images (the mine stage's quantile samples, else its top images) and as many
+    non-activating ones (its negatives) shown per feature, at most."""
+    batch_size: int = Field(8, ge=1)
+    """Images per forward pass of CLIP, GroundingDINO and SAM."""
+    concurrency: int = Field(16, ge=1)
+    """Detection requests in flight at once (the explainer bounds its own concurrency too)."""
+    device: str = "auto"
+    """Where CLIP, GroundingDINO and SAM run: `auto` (cuda when present), `cpu` or `cuda:N`."""
+    seed: int | None = None
+    """Seed of the random baseline's pairing and of the order detection shows images in; default run.seed."""
 
 
 class ReportConfig(Section):
@@ -305,18 +448,47 @@ class ReportConfig(Section):
     heatmap: Literal["overlay", "masked", "both"] = "overlay"
     """Heat-map style shown: overlay (magnitude over the image), masked (inactive regions darkened), or both."""
     image_width: int = Field(160, ge=16)
-    """Display width of each image in CSS pixels (small images are scaled up without smoothing)."""
+    """Display size of each heat map in CSS pixels (its long side). Embedded at twice that size at most (sharp
+    on HiDPI screens, and shown at that size when the image is clicked), as JPEG or PNG, whichever is
+    smaller; small images are scaled up without smoothing."""
 
 
 class RunConfig(Section):
     run: RunSection = RunSection()
+    """The run as a whole: its name, where it writes, its seed."""
     tracking: TrackingConfig = TrackingConfig()
+    """MLflow tracking of every stage."""
     toyworld: ToyWorldConfig = ToyWorldConfig()
+    """The toy world's generated scenes (`mmsae toyworld build`, the pipeline's inputs without an image set)."""
     toylmm: ToyLMMConfig = ToyLMMConfig()
+    """The toy LMM trained on the toy world."""
     cache: CacheConfig = CacheConfig()
+    """The cache stage (`mmsae cache`): activations of LMM layers over an image set."""
     train: TrainConfig = TrainConfig()
+    """The train stage (`mmsae train`): TopK SAEs on the cached activations."""
     mine: MineConfig = MineConfig()
+    """The mine stage (`mmsae mine`): each feature's top images and heat maps."""
+    explain: ExplainConfig = ExplainConfig()
+    """The explain stage (`mmsae explain`): a short description of each selected feature, from its masked top
+    images."""
+    score: ScoreConfig = ScoreConfig()
+    """The score stage (`mmsae score`): IoU, CLIP score, detection and ground truth of the explanations, each
+    beside its random baseline."""
     report: ReportConfig = ReportConfig()
+    """The report stage (`mmsae report`): the HTML dashboard."""
+
+    @model_validator(mode="after")
+    def _section_seeds_from_run(self) -> RunConfig:
+        """Every seeded section whose seed was not set takes ``run.seed``."""
+        for name in type(self).model_fields:
+            section = getattr(self, name)
+            if not isinstance(section, SeededSection) or "seed" in section.model_fields_set:
+                continue
+            if section.seed != self.run.seed:
+                resolved = section.model_copy(update={"seed": self.run.seed})  # never changes the caller's
+                resolved.model_fields_set.discard("seed")  # still run.seed's, should run.seed change
+                self.__dict__[name] = resolved
+        return self
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -420,6 +592,38 @@ def dump_config(cfg: BaseModel) -> str:
     """The config as YAML, every default written out (what a stage records in its manifest)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
+
+EXPLAIN_WIDTH = 110
+"""Line width of the comments :func:`explain_config` writes."""
+
+
+def explain_config(cfg: RunConfig) -> str:
+    """The config as YAML, section by section, each key under its docstring as a comment (what `mmsae config
+    show --explain` prints); the text parses back to the same config."""
+    values = cfg.model_dump(mode="json")
+    lines: list[str] = []
+    for section_name, section_field in type(cfg).model_fields.items():
+        lines += _comment_lines(section_field.description, "")
+        lines.append(f"{section_name}:")
+        for key, field in type(getattr(cfg, section_name)).model_fields.items():
+            lines += _comment_lines(field.description, "  ")
+            lines.append(f"  {key}: {_inline_yaml(values[section_name][key])}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _comment_lines(text: str | None, indent: str) -> list[str]:
+    if not text:
+        return []
+    prefix = f"{indent}# "
+    return textwrap.wrap(" ".join(text.split()), width=EXPLAIN_WIDTH, initial_indent=prefix,
+                         subsequent_indent=prefix, break_long_words=False, break_on_hyphens=False)
+
+
+def _inline_yaml(value: Any) -> str:
+    """One value as YAML on one line (flow style)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, sort_keys=False)
+    return text.removesuffix("\n...\n").strip()
 
 
 def config_from_yaml(text: str, source: str = "config") -> RunConfig:

@@ -7,11 +7,11 @@ Writes under ``out``: ``work/`` (every stage's artifacts), ``kfp/`` (the local p
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from mmsae import storage
 from mmsae.config import RunConfig, dump_config
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def run_demo(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     from kfp import local
 
     from mmsae.pipelines.sae_interp import sae_interp
-    from mmsae.stages.common import read_summaries
+    from mmsae.stages._base import read_summaries
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -52,5 +52,5 @@ def run_demo(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         "tracking_uri": cfg.tracking.uri,
         "steps": read_summaries(cfg.run.workdir),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    (out / "summary.json").write_text(storage.json_text(summary, indent=2, sort_keys=True))
     return summary

@@ -2,16 +2,22 @@
 
 A top-examples artifact is a directory (local or ``s3://``)::
 
-    manifest.json          kind "top_examples", format 1, written last. inputs: sae, shards, image_set.
+    manifest.json          kind "top_examples", format 2 (format 1, without histograms and logit tokens,
+                           is still read), written last. inputs: sae, shards, image_set.
                            extra: hookpoint, family, num_latents, k, score ("max" | "mean"), top_k,
                            n_quantiles, n_random, features (the mined ids), selected (the ids later stages
-                           take), figures (headline numbers)
+                           take), figures (headline numbers), heatmap_max_side
     features.jsonl         one object per mined feature, by feature id: feature, frequency (share of tokens
                            where it is active), image_frequency (share of images where it is active on at
                            least one token), max_activation, mean_activation (over active tokens),
                            top [{image_idx, score}] (descending, at most top_k), quantiles [{image_idx, score,
                            quantile}] (activating images outside the top, sampled per score quantile, quantile
-                           0 the lowest), negatives [image_idx] (random images where it never fires)
+                           0 the lowest), negatives [image_idx] (random images where it never fires),
+                           histogram [counts] (its nonzero activations per token in equal bins over
+                           [0, histogram_upper); histogram_upper a power of two above max_activation, 0
+                           when it never fired), promoted and suppressed [{token, logit}] (the tokens its
+                           decoder direction raises and lowers most through the LMM's unembedding, highest
+                           first and lowest first; empty when not computed, see mmsae.unembed)
     maps.safetensors       flat columns feature int32, image_idx int64, view int16, row int16, col int16,
                            token_pos int32, act float32: every token (every view: base image 0, AnyRes tile
                            i >= 1, image newline -2) of every kept (top or quantile) image where that
@@ -19,7 +25,8 @@ A top-examples artifact is a directory (local or ``s3://``)::
     images.json            {"<image_idx>": {"width", "height"}} for every image referenced
     heatmaps/f{feature:06d}/{kind}-{rank:02d}-{image_idx}.png
                            kind "overlay" (magnitude over the image) or "masked" (inactive regions darkened),
-                           rank the image's place in the feature's top list
+                           rank the image's place in the feature's top list; at most heatmap_max_side
+                           pixels on the long side (aspect ratio kept; smaller images at their own size)
     ground_truth.json      only for image sets with planted concepts (the toy world): per concept its
                            best-matching feature, top-K precision and IoU (see mmsae.groundtruth)
 
@@ -51,6 +58,7 @@ __all__ = [
     "KIND",
     "MAPS_FILE",
     "MAP_DTYPES",
+    "READABLE_VERSIONS",
     "FeatureNotMinedError",
     "FeatureRecord",
     "TopExamples",
@@ -61,7 +69,9 @@ __all__ = [
 ]
 
 KIND = "top_examples"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Format versions :class:`TopExamples` reads (version 1 lacks histograms and logit tokens)."""
 FEATURES_FILE = "features.jsonl"
 MAPS_FILE = "maps.safetensors"
 IMAGES_FILE = "images.json"
@@ -114,6 +124,13 @@ class FeatureRecord:
     quantiles: list[dict[str, Any]] = field(default_factory=list)
     """``{"image_idx": int, "score": float, "quantile": int}``."""
     negatives: list[int] = field(default_factory=list)
+    histogram: list[int] = field(default_factory=list)
+    """Counts of its nonzero activations per token in equal bins over ``[0, histogram_upper)``."""
+    histogram_upper: float = 0.0
+    promoted: list[dict[str, Any]] = field(default_factory=list)
+    """``{"token": str, "logit": float}``: the tokens its decoder direction raises most, highest first."""
+    suppressed: list[dict[str, Any]] = field(default_factory=list)
+    """``{"token": str, "logit": float}``: the tokens it lowers most, lowest first."""
 
     @property
     def top_images(self) -> list[int]:
@@ -139,9 +156,17 @@ class FeatureRecord:
                 quantiles=[{"image_idx": int(q["image_idx"]), "score": float(q["score"]),
                             "quantile": int(q["quantile"])} for q in data["quantiles"]],
                 negatives=[int(i) for i in data["negatives"]],
+                histogram=[int(c) for c in data.get("histogram", [])],
+                histogram_upper=float(data.get("histogram_upper") or 0.0),
+                promoted=_logit_tokens(data.get("promoted", [])),
+                suppressed=_logit_tokens(data.get("suppressed", [])),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise TopExamplesError(f"{source}: a line does not hold a feature record ({type(e).__name__}: {e})") from e
+
+
+def _logit_tokens(entries: Any) -> list[dict[str, Any]]:
+    return [{"token": str(t["token"]), "logit": float(t["logit"])} for t in entries]
 
 
 def encode_maps(columns: Mapping[str, torch.Tensor]) -> bytes:
@@ -172,7 +197,10 @@ class TopExamples:
 
     def __init__(self, uri: str):
         self.uri = uri
-        self.manifest = storage.read_manifest(uri, kind=KIND, format_version=FORMAT_VERSION)
+        self.manifest = storage.read_manifest(uri, kind=KIND)
+        if self.manifest.format_version not in READABLE_VERSIONS:
+            raise storage.ManifestError(f"{uri} has format version {self.manifest.format_version} of {KIND!r}; "
+                                        f"this version of mmsae reads versions {list(READABLE_VERSIONS)}")
         self._heatmaps: dict[tuple[int, int, str], str] = {}
         for name in self.manifest.files:
             m = _HEATMAP_RE.match(name)

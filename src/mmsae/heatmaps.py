@@ -12,7 +12,10 @@ and padding per cell; the cells of one view form a regular grid, so the per-view
 to image pixels is affine (:func:`view_affine`). Each view is resampled bilinearly onto the image pixels it
 covers (cell values sit at cell centres) and the views are combined by their maximum, so the tiles add
 detail at their higher resolution where they are stronger than the base view. Image-newline and CLS
-tokens have no place in the image and are left out of the map.
+tokens have no place in the image and are left out of the map. A map may be sampled on a smaller pixel grid
+than the image's (``size``): the pixel centres of that grid are placed on the original image, so the
+geometry stays the original's and the map stays aligned with the image scaled to that size
+(:func:`fit_size` gives the size of a bounded rendering).
 
 Two renderings (:func:`render_overlay`, :func:`render_masked`): a magnitude overlay for people (a colour
 map whose opacity grows with the activation) and the masked style of the explainer prompt (the image
@@ -44,6 +47,7 @@ __all__ = [
     "HeatmapError",
     "activation_map",
     "colormap",
+    "fit_size",
     "load_patch_info",
     "png_bytes",
     "render_masked",
@@ -147,27 +151,42 @@ def _fit_edges(edges: list[tuple[int, float]], size: int) -> tuple[float, float]
 # maps
 
 
-def activation_map(tokens: Mapping[str, Any], image_hw: tuple[int, int], info: PatchInfo) -> np.ndarray:
+def fit_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """``(width, height)`` scaled down so that the long side is at most ``max_side`` (aspect ratio kept, each
+    side at least 1); unchanged when it already fits or ``max_side`` is None."""
+    width, height = int(size[0]), int(size[1])
+    if max_side is None or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def activation_map(tokens: Mapping[str, Any], image_hw: tuple[int, int], info: PatchInfo,
+                   size: tuple[int, int] | None = None) -> np.ndarray:
     """The activation resampled onto the original image: float32 ``[height, width]``, in activation units.
 
     ``tokens`` holds equal-length columns ``view``, ``row``, ``col`` and ``act`` (other columns are ignored);
-    tokens of views < 0 (text, image newline, CLS) have no place in the image and are skipped.
+    tokens of views < 0 (text, image newline, CLS) have no place in the image and are skipped. ``size``
+    (height, width): sample the map on a grid of that many pixels spanning the image instead (the image's
+    geometry unchanged), e.g. for a rendering of the image scaled down to that size.
     """
     for c in ("view", "row", "col", "act"):
         if c not in tokens:
             raise HeatmapError(f"activation tokens lack column {c!r}; expected view, row, col and act")
     h, w = int(image_hw[0]), int(image_hw[1])
+    out_h, out_w = (h, w) if size is None else (int(size[0]), int(size[1]))
     view = np.asarray(tokens["view"]).astype(np.int64)
     row = np.asarray(tokens["row"]).astype(np.int64)
     col = np.asarray(tokens["col"]).astype(np.int64)
     act = np.asarray(tokens["act"]).astype(np.float32)
-    out = torch.zeros(h, w)
+    out = torch.zeros(out_h, out_w)
     g = info.grid
     keep = view >= 0
     if keep.any() and ((row[keep] < 0) | (row[keep] >= g) | (col[keep] < 0) | (col[keep] >= g)).any():
         raise HeatmapError(f"activation tokens hold cells outside the {g}x{g} grid of a view")
-    px = torch.arange(w, dtype=torch.float64) + 0.5
-    py = torch.arange(h, dtype=torch.float64) + 0.5
+    # the output pixels' centres, in the original image's pixel coordinates
+    px = (torch.arange(out_w, dtype=torch.float64) + 0.5) * (w / out_w)
+    py = (torch.arange(out_h, dtype=torch.float64) + 0.5) * (h / out_h)
     for v in np.unique(view[keep]).tolist():
         sel = keep & (view == v)
         grid = torch.zeros(g * g)

@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import yaml
 from mlflow import MlflowClient
@@ -61,6 +61,8 @@ TAG_KFP_JOB_NAME = "kfp.job_name"
 TAG_EXTERNAL = "mmsae.external_run"
 """Set on a run that someone else (Kubeflow) created and will end; :func:`end_pipeline_run` leaves it."""
 TAG_STATUS = "mmsae.status"
+TAG_OUTPUT = "mmsae.output"
+"""The URI a stage run writes to: an interrupted run of the same stage and output is found by it."""
 """Outcome of a stage (or pipeline) in a run that Kubeflow owns and ends itself."""
 
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -168,6 +170,27 @@ def _clean_key(key: str) -> str:
     return cleaned[:MAX_ENTITY_KEY_LENGTH]
 
 
+def metric_name(key: str) -> str:
+    """The one naming rule of metrics, in MLflow and in KFP alike: path separators become dots."""
+    return _clean_key(key.replace("/", "."))
+
+
+def metric_values(figures: Mapping[str, Any]) -> dict[str, float]:
+    """A stage's figures as metrics: nested mappings flattened, finite real numbers only (no bools, no
+    text, no NaN or inf: those are logged as a warning, not sent), names by :func:`metric_name`."""
+    out: dict[str, float] = {}
+    for key, value in flatten(figures).items():
+        if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            continue
+        if not math.isfinite(float(value)):
+            logger.warning("figure %r is %s: not logged as a metric", key, value)
+            continue
+        out[metric_name(key)] = float(value)
+    return out
+
+
 def _truncate(value: str, limit: int) -> str:
     if len(value) <= limit:
         return value
@@ -199,25 +222,6 @@ def _to_plain(config: Any) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------------------
 # Trackers
-
-
-class Tracker(Protocol):
-    """What a stage may call; implemented by :class:`StageTracker` and :class:`NullTracker`."""
-
-    @property
-    def run_id(self) -> str | None: ...
-
-    def log_params(self, params: Mapping[str, Any]) -> None: ...
-
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None: ...
-
-    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None: ...
-
-    def log_dict(self, data: Mapping[str, Any] | list[Any], name: str) -> None: ...
-
-    def log_text(self, text: str, name: str) -> None: ...
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
 
 
 class StageTracker:
@@ -257,7 +261,7 @@ class StageTracker:
             number = float(value)
             if not math.isfinite(number):
                 logger.warning("metric %r is %s at step %s", key, number, step)
-            entries.append(Metric(_clean_key(key), number, now, int(step or 0)))
+            entries.append(Metric(metric_name(key), number, now, int(step or 0)))
         if entries:
             self._client.log_batch(self._run_id, metrics=entries, synchronous=True)
 
@@ -274,10 +278,6 @@ class StageTracker:
     def log_dict(self, data: Mapping[str, Any] | list[Any], name: str) -> None:
         """Store ``data`` as an artifact file ``name`` (YAML for .yaml/.yml, else JSON)."""
         self._client.log_dict(self._run_id, data, name)
-
-    def log_text(self, text: str, name: str) -> None:
-        """Store ``text`` as an artifact file ``name``."""
-        self._client.log_text(self._run_id, text, name)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set tags, values cut to MLflow's 8000 chars."""
@@ -307,9 +307,6 @@ class NullTracker:
         pass
 
     def log_dict(self, data: Mapping[str, Any] | list[Any], name: str) -> None:
-        pass
-
-    def log_text(self, text: str, name: str) -> None:
         pass
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -419,11 +416,14 @@ def stage_run(
     uri: str | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
     enabled: bool = True,
+    output: str | None = None,
 ) -> Iterator[StageTracker | NullTracker]:
     """Track one stage; yields a tracker (a :class:`NullTracker` when ``enabled`` is false).
 
-    Run chosen, in order: ``$MLFLOW_RUN_ID`` (Kubeflow's own task run: logged into, not ended here); else a
-    new child of ``parent_run_id`` named ``stage``, in the parent's experiment; else a new top-level run in
+    Run chosen, in order: ``$MLFLOW_RUN_ID`` (Kubeflow's own task run: logged into, not ended here); else
+    the run of this stage and ``output`` that a killed process left RUNNING under the same parent (a resumed
+    stage goes on in its run; such runs under another parent are marked KILLED); else a new child of
+    ``parent_run_id`` named ``stage``, in the parent's experiment; else a new top-level run in
     ``$MLFLOW_EXPERIMENT_ID`` or ``experiment``.
     ``config`` (a mapping or pydantic model) is logged as flattened params and as ``config.yaml``. A run
     this function created ends FINISHED, or FAILED when the block raises; the exception propagates.
@@ -439,23 +439,14 @@ def stage_run(
         run_id = _get_run(client, injected, f"run from ${ENV_RUN_ID}").info.run_id
         logger.info("stage %s logs into the MLflow run %s given by $%s", stage, run_id, ENV_RUN_ID)
     else:
-        tags = {TAG_STAGE: stage}
-        if parent_run_id:
-            parent = _get_run(client, parent_run_id, f"parent run of stage {stage!r}")
-            experiment_id = parent.info.experiment_id
-            tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-        else:
-            experiment_id = _experiment_id(client, experiment)
-        run = client.create_run(experiment_id, run_name=stage, tags=tags)
-        run_id = run.info.run_id
-        logger.info("MLflow run %s for stage %s (parent %s)", run_id, stage, parent_run_id or "none")
+        run_id = _open_stage_run(client, stage, parent_run_id, experiment, output)
 
     tracker = StageTracker(client, run_id)
     if not owned:
         tracker.set_tags({TAG_STAGE: stage})
     plain = _to_plain(config)
     if plain:
-        tracker.log_params(plain)
+        _log_params_once(client, tracker, plain)
         tracker.log_dict(plain, CONFIG_ARTIFACT)
 
     try:
@@ -465,6 +456,65 @@ def stage_run(
         _finish(client, run_id, owned, "KILLED" if interrupted else "FAILED")
         raise
     _finish(client, run_id, owned, "FINISHED")
+
+
+def _open_stage_run(client: MlflowClient, stage: str, parent_run_id: str | None, experiment: str,
+                    output: str | None) -> str:
+    """The run a stage logs into: the one an interrupted process left RUNNING for this stage, output and
+    parent, else a new one (under ``parent_run_id`` when given)."""
+    tags = {TAG_STAGE: stage}
+    if parent_run_id:
+        experiment_id = _get_run(client, parent_run_id, f"parent run of stage {stage!r}").info.experiment_id
+        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    else:
+        experiment_id = _experiment_id(client, experiment)
+    if output:
+        tags[TAG_OUTPUT] = _truncate(output, MAX_TAG_VAL_LENGTH)
+        resumed = _adopt_interrupted_run(client, experiment_id, stage, tags[TAG_OUTPUT], parent_run_id)
+        if resumed is not None:
+            return resumed
+    run_id = client.create_run(experiment_id, run_name=stage, tags=tags).info.run_id
+    logger.info("MLflow run %s for stage %s (parent %s)", run_id, stage, parent_run_id or "none")
+    return run_id
+
+
+def _adopt_interrupted_run(client: MlflowClient, experiment_id: str, stage: str, output: str,
+                           parent_run_id: str | None) -> str | None:
+    """The newest RUNNING run of ``stage`` writing ``output`` under the same parent (a killed process left it);
+    every other such run is marked KILLED. None when there is none."""
+    if "'" in output:  # not expressible in a filter string: nothing to adopt
+        return None
+    interrupted = client.search_runs(
+        [experiment_id], order_by=["attributes.start_time DESC"], max_results=100,
+        filter_string=(f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_OUTPUT}` = '{output}' "
+                       "and attributes.status = 'RUNNING'"))
+    adopted = None
+    for run in interrupted:
+        if adopted is None and run.data.tags.get(MLFLOW_PARENT_RUN_ID) == (parent_run_id or None):
+            adopted = run.info.run_id
+            logger.warning("stage %s goes on in MLflow run %s, left RUNNING by an interrupted run of %s",
+                           stage, adopted, output)
+        else:
+            client.set_terminated(run.info.run_id, "KILLED")
+            logger.warning("MLflow run %s of stage %s (%s) was left RUNNING by an interrupted run: marked KILLED",
+                           run.info.run_id, stage, output)
+    return adopted
+
+
+def _log_params_once(client: MlflowClient, tracker: StageTracker, params: Mapping[str, Any]) -> None:
+    """Log params; on a run that already has some (an interrupted run gone on), only the new ones (MLflow
+    refuses to change a param), with a warning for any whose value differs."""
+    existing = client.get_run(tracker.run_id).data.params
+    if not existing:
+        tracker.log_params(params)
+        return
+    flat = {_clean_key(key): value for key, value in flatten(params).items()}
+    changed = sorted(k for k, v in flat.items() if k in existing and existing[k] != _truncate(_as_text(v),
+                                                                                             MAX_PARAM_VAL_LENGTH))
+    if changed:
+        logger.warning("params %s differ from those the interrupted run logged; the first values are kept",
+                       changed[:10])
+    tracker.log_params({k: v for k, v in flat.items() if k not in existing})
 
 
 def _finish(client: MlflowClient, run_id: str, owned: bool, status: str) -> None:
@@ -482,11 +532,6 @@ def _finish(client: MlflowClient, run_id: str, owned: bool, status: str) -> None
 
 # ----------------------------------------------------------------------------------------------------------
 # Reading back
-
-
-def summary_metrics(run_id: str, uri: str | None = None) -> dict[str, float]:
-    """Latest value of every metric of the run ``run_id``."""
-    return dict(_get_run(_client(uri), run_id, "run").data.metrics)
 
 
 def stage_runs(parent_run_id: str, uri: str | None = None) -> dict[str, str]:

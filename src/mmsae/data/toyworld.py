@@ -408,8 +408,11 @@ def to_dataset(scenes: list[Scene]):
     return Dataset.from_dict(columns, features=features())
 
 
-def build(cfg: ToyWorldConfig, out_uri: str | os.PathLike[str]) -> dict[str, Any]:
+def build(cfg: ToyWorldConfig, out_uri: str | os.PathLike[str],
+          manifest_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Generate both splits and write them as an image set (DatasetDict + manifest) under ``out_uri``.
+
+    ``manifest_extra`` is added to the manifest's ``extra`` (the stage records its output key there).
 
     A local ``out_uri`` is written in a temporary folder beside it and renamed into place (replacing an older
     image set there); an ``s3://`` URI is written locally, then uploaded, manifest last.
@@ -449,6 +452,7 @@ def build(cfg: ToyWorldConfig, out_uri: str | os.PathLike[str]) -> dict[str, Any
             "splits": counts,
             "concepts": sorted(all_concepts, key=_concept_sort_key),
             "columns": list(features()),
+            **(manifest_extra or {}),
         }
         manifest_args = {
             "kind": "image_set",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,34 @@ def _check_family(family: str) -> None:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
 
 
+@dataclass(frozen=True)
+class _TinyParts:
+    """What every family's builder shares: tokenizer, text config, vision tower settings, image geometry."""
+
+    tokenizer: PreTrainedTokenizerFast
+    text_config: LlamaConfig
+    vision_kwargs: dict[str, Any]
+    image_size: int
+    patch_size: int
+    pinpoints: list[list[int]]
+    select_strategy: str | None
+    feature_layer: int | None
+    aspect_ratio: str
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids("<image>")
+
+    @property
+    def tokens_per_view(self) -> int:
+        grid = self.image_size // self.patch_size
+        return grid * grid
+
+
+_Built = tuple[Any, type[PreTrainedModel], ProcessorMixin]
+"""A family builder's result: model config, model class, processor."""
+
+
 def build_tiny(
     family: str,
     *,
@@ -121,17 +150,45 @@ def build_tiny(
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     tok = tokenizer if tokenizer is not None else tiny_tokenizer()
-    pinpoints = (
-        [list(map(int, p)) for p in grid_pinpoints]
-        if grid_pinpoints is not None
-        else default_pinpoints(image_size)
+    parts = _TinyParts(
+        tokenizer=tok,
+        text_config=_text_config(tok, text_hidden, text_layers),
+        vision_kwargs=dict(
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch_size,
+        ),
+        image_size=image_size,
+        patch_size=patch_size,
+        pinpoints=(
+            [list(map(int, p)) for p in grid_pinpoints]
+            if grid_pinpoints is not None
+            else default_pinpoints(image_size)
+        ),
+        select_strategy=vision_feature_select_strategy,
+        feature_layer=vision_feature_layer,
+        aspect_ratio=vision_aspect_ratio,
     )
-    grid = image_size // patch_size
-    text_config = LlamaConfig(
+    builders = {"llava": _build_llava, "llava_next": _build_llava_next, "llava_onevision": _build_onevision}
+    config, model_cls, processor = builders[family](parts)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    model.eval()
+    logger.debug("built tiny %s: %d parameters", family, sum(p.numel() for p in model.parameters()))
+    return model, processor
+
+
+def _text_config(tok: PreTrainedTokenizerFast, hidden: int, layers: int) -> LlamaConfig:
+    """The tiny Llama text model's config (4 attention heads over 2 key/value heads)."""
+    return LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=text_hidden,
-        intermediate_size=2 * text_hidden,
-        num_hidden_layers=text_layers,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=4096,
@@ -139,79 +196,77 @@ def build_tiny(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
-    vision_kwargs: dict[str, Any] = dict(
-        hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch_size,
+
+
+def _clip_config_kwargs(parts: _TinyParts, strategy: str) -> dict[str, Any]:
+    """Config fields LLaVA and LLaVA-NeXT share: a CLIP tower, the text config, the image token."""
+    return dict(
+        vision_config=CLIPVisionConfig(**parts.vision_kwargs),
+        text_config=parts.text_config,
+        image_token_index=parts.image_token_id,
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=-2 if parts.feature_layer is None else parts.feature_layer,
+        image_seq_length=parts.tokens_per_view,
     )
-    image_token_id = tok.convert_tokens_to_ids("<image>")
 
-    if family == "llava_onevision":
-        strategy = vision_feature_select_strategy or "full"
-        config: Any = LlavaOnevisionConfig(
-            vision_config=SiglipVisionConfig(**vision_kwargs, vision_use_head=False),
-            text_config=text_config,
-            image_token_index=image_token_id,
-            video_token_index=tok.convert_tokens_to_ids("<video>"),
-            vision_feature_select_strategy=strategy,
-            vision_feature_layer=-1 if vision_feature_layer is None else vision_feature_layer,
-            image_grid_pinpoints=pinpoints,
-            vision_aspect_ratio=vision_aspect_ratio,
-        )
-        model_cls: type[PreTrainedModel] = LlavaOnevisionForConditionalGeneration
-        processor: ProcessorMixin = LlavaOnevisionImageOnlyProcessor(
-            image_processor=LlavaOnevisionImageProcessorPil(
-                size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints
-            ),
-            tokenizer=tok,
-            num_image_tokens=grid * grid,
-            vision_feature_select_strategy=strategy,
-            vision_aspect_ratio=vision_aspect_ratio,
-        )
-    else:
-        strategy = vision_feature_select_strategy or "default"
-        common = dict(
-            vision_config=CLIPVisionConfig(**vision_kwargs),
-            text_config=text_config,
-            image_token_index=image_token_id,
-            vision_feature_select_strategy=strategy,
-            vision_feature_layer=-2 if vision_feature_layer is None else vision_feature_layer,
-            image_seq_length=grid * grid,
-        )
-        size = {"shortest_edge": image_size}
-        crop = {"height": image_size, "width": image_size}
-        if family == "llava":
-            config = LlavaConfig(**common)
-            model_cls = LlavaForConditionalGeneration
-            processor = LlavaProcessor(
-                image_processor=LlavaImageProcessorPil(size=size, crop_size=crop),
-                tokenizer=tok,
-                patch_size=patch_size,
-                vision_feature_select_strategy=strategy,
-                num_additional_image_tokens=1,
-            )
-        else:
-            config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
-            model_cls = LlavaNextForConditionalGeneration
-            processor = LlavaNextProcessor(
-                image_processor=LlavaNextImageProcessorPil(
-                    size=size, crop_size=crop, image_grid_pinpoints=pinpoints
-                ),
-                tokenizer=tok,
-                patch_size=patch_size,
-                vision_feature_select_strategy=strategy,
-                num_additional_image_tokens=1,
-            )
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(config)
-    model.eval()
-    logger.debug("built tiny %s: %d parameters", family, sum(p.numel() for p in model.parameters()))
-    return model, processor
+def _build_llava(parts: _TinyParts) -> _Built:
+    """LLaVA: a CLIP tower, one resized and centre-cropped view."""
+    strategy = parts.select_strategy or "default"
+    processor = LlavaProcessor(
+        image_processor=LlavaImageProcessorPil(
+            size={"shortest_edge": parts.image_size},
+            crop_size={"height": parts.image_size, "width": parts.image_size},
+        ),
+        tokenizer=parts.tokenizer,
+        patch_size=parts.patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=1,
+    )
+    return LlavaConfig(**_clip_config_kwargs(parts, strategy)), LlavaForConditionalGeneration, processor
+
+
+def _build_llava_next(parts: _TinyParts) -> _Built:
+    """LLaVA-NeXT: a CLIP tower, a base view plus AnyRes tiles."""
+    strategy = parts.select_strategy or "default"
+    config = LlavaNextConfig(**_clip_config_kwargs(parts, strategy), image_grid_pinpoints=parts.pinpoints)
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(
+            size={"shortest_edge": parts.image_size},
+            crop_size={"height": parts.image_size, "width": parts.image_size},
+            image_grid_pinpoints=parts.pinpoints,
+        ),
+        tokenizer=parts.tokenizer,
+        patch_size=parts.patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=1,
+    )
+    return config, LlavaNextForConditionalGeneration, processor
+
+
+def _build_onevision(parts: _TinyParts) -> _Built:
+    """LLaVA-OneVision: a SigLIP tower (no CLS token), a base view plus AnyRes tiles, images only."""
+    strategy = parts.select_strategy or "full"
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**parts.vision_kwargs, vision_use_head=False),
+        text_config=parts.text_config,
+        image_token_index=parts.image_token_id,
+        video_token_index=parts.tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=-1 if parts.feature_layer is None else parts.feature_layer,
+        image_grid_pinpoints=parts.pinpoints,
+        vision_aspect_ratio=parts.aspect_ratio,
+    )
+    processor = LlavaOnevisionImageOnlyProcessor(
+        image_processor=LlavaOnevisionImageProcessorPil(
+            size={"height": parts.image_size, "width": parts.image_size}, image_grid_pinpoints=parts.pinpoints
+        ),
+        tokenizer=parts.tokenizer,
+        num_image_tokens=parts.tokens_per_view,
+        vision_feature_select_strategy=strategy,
+        vision_aspect_ratio=parts.aspect_ratio,
+    )
+    return config, LlavaOnevisionForConditionalGeneration, processor
 
 
 def save_tiny(family: str, out_dir: str | Path, **kwargs: Any) -> Path:

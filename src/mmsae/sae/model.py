@@ -14,10 +14,15 @@ Reads and writes no files (see :mod:`mmsae.sae.checkpoint` for that).
   dicts, so a trainer can log any SAE variant without knowing its losses.
 
 Training-loop concerns (optimiser, schedules, dead-latent counters, data) live with the trainer. Per step
-the trainer calls ``forward`` → ``training_step_losses`` → ``backward`` →
-:meth:`TopKSAE.remove_gradient_parallel_to_decoder_directions` → ``optimizer.step()`` →
-:meth:`TopKSAE.set_decoder_norm_to_unit_norm` (the two decoder calls when ``cfg.normalize_decoder``), and
-marks latents as fired with :meth:`TopKSAE.fired_latents`.
+the trainer (:mod:`mmsae.stages.train`) calls ``forward`` → ``training_step_losses`` → ``backward`` →
+``optimizer.step()`` and marks latents as fired with :meth:`TopKSAE.fired_latents`. Its optimizer
+(DeepSpeed ZeRO) keeps a master copy of the weights that in-place rescaling would not reach, so it sets
+``normalize_in_forward``: the decoder rows are normalised in the forward pass, autograd through that
+normalisation removes the gradient along each row, and :meth:`TopKSAE.set_decoder_norm_to_unit_norm` stores
+the rows normalised once, before saving. A trainer whose optimizer updates the parameters in place may
+instead leave the rows as they are in the forward pass and call
+:meth:`TopKSAE.remove_gradient_parallel_to_decoder_directions` before and
+:meth:`TopKSAE.set_decoder_norm_to_unit_norm` after each ``optimizer.step()`` (sparsify's loop).
 """
 
 from __future__ import annotations
@@ -31,7 +36,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
-from mmsae.sae.kernels import SparsePattern, default_chunk_rows, sparse_decode, topk_encode
+from mmsae.sae.kernels import (
+    SparsePattern,
+    TopKEncoding,
+    default_chunk_rows,
+    sparse_decode,
+    topk_encode,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +60,10 @@ class SaeConfigError(ValueError):
     """An SAE configuration asks for something this implementation does not support."""
 
 
-# Keys written by older or other sparsify versions, with the only value this implementation supports.
-LEGACY_KEYS: dict[str, Any] = {
-    "signed": False,
-    "skip_connection": False,
-    "transcode": False,
-    "activation": "topk",
-}
+LEGACY_KEYS: dict[str, Any] = {"signed": False, "jumprelu": False}
+"""Keys older sparsify versions wrote and current ones drop, with the only value this implementation supports."""
+SPARSIFY_KEYS: dict[str, Any] = {"activation": "topk", "skip_connection": False, "transcode": False}
+"""Keys current sparsify writes for other architectures, with the value that means this one (a plain TopK SAE)."""
 
 
 class SaeConfig(BaseModel):
@@ -78,7 +86,7 @@ class SaeConfig(BaseModel):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        for key, supported in LEGACY_KEYS.items():
+        for key, supported in {**LEGACY_KEYS, **SPARSIFY_KEYS}.items():
             if key not in data:
                 continue
             value = data.pop(key)
@@ -87,13 +95,14 @@ class SaeConfig(BaseModel):
                     f"SAE config key {key!r} = {value!r} is not supported; only {key!r} = {supported!r} "
                     "(a plain TopK SAE) is"
                 )
-            logger.warning("ignoring legacy SAE config key %r = %r (the only supported value)", key, value)
+            if key in LEGACY_KEYS:
+                logger.info("dropping the legacy SAE config key %r = %r, as sparsify does", key, value)
         known = set(cls.model_fields)
         unknown = sorted(set(data) - known)
         if unknown:
             raise SaeConfigError(
                 f"unknown SAE config key(s) {unknown}; expected some of {sorted(known)} "
-                f"(legacy keys {sorted(LEGACY_KEYS)} are also accepted)"
+                f"(and {sorted({**SPARSIFY_KEYS, **LEGACY_KEYS})} at their TopK values)"
             )
         return data
 
@@ -197,6 +206,15 @@ AUX_SUBSET_RATIO = 4
 """AuxK runs densely over the dead latents when at most 1 / AUX_SUBSET_RATIO of the latents are dead."""
 
 
+class _AuxKPlan(NamedTuple):
+    """The AuxK term of one forward pass: dead latents on the model's device (None without any), width
+    (0: no AuxK term) and whether it runs densely over the dead subset (else in the sparse kernels)."""
+
+    mask: Tensor | None
+    k_aux: int
+    dead_subset: bool
+
+
 def _batch_variance(z: Tensor) -> Tensor:
     """``Σ‖z − mean(z)‖²`` over the rows of ``z``."""
     return (z - z.mean(0)).pow(2).sum()
@@ -213,7 +231,10 @@ class TopKSAE(nn.Module):
         dtype: torch.dtype | None = None,
         chunk_rows: int | None = None,
     ) -> None:
-        """``chunk_rows`` sets tokens per encoder chunk (default: a 128 MiB pre-activation buffer)."""
+        """``chunk_rows`` sets tokens per encoder chunk (default: a 128 MiB pre-activation buffer).
+
+        ``normalize_in_forward`` starts False (the decoder rows are used as stored); see :meth:`decoder_weight`.
+        """
         super().__init__()
         self.cfg = cfg
         self.d_in = cfg.d_in
@@ -260,7 +281,8 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
-        """Rescale every decoder row to unit L2 norm (call after each optimiser step)."""
+        """Rescale every decoder row to unit L2 norm, in place (at init; before saving rows that were normalised
+        in the forward pass; after each step of an optimizer that updates the parameters in place)."""
         eps = torch.finfo(self.W_dec.dtype).eps
         norm = torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True)
         self.W_dec.div_(norm + eps)
@@ -269,8 +291,10 @@ class TopKSAE(nn.Module):
     def remove_gradient_parallel_to_decoder_directions(self) -> None:
         """Project out of ``W_dec.grad`` the component along each (unit-norm) decoder row.
 
-        Call after ``backward`` and before ``optimizer.step()``; keeps Adam from spending its update on the
-        norm that :meth:`set_decoder_norm_to_unit_norm` removes again.
+        For a trainer that rescales the rows in place after each step (not one that sets
+        ``normalize_in_forward``, where autograd already removes this component): call after ``backward`` and
+        before ``optimizer.step()``; keeps Adam from spending its update on the norm that
+        :meth:`set_decoder_norm_to_unit_norm` removes again.
         """
         grad = self.W_dec.grad
         if grad is None:
@@ -288,7 +312,7 @@ class TopKSAE(nn.Module):
         normalisation removes the gradient component along each row. Otherwise the parameter as it is.
         ``decode`` and ``forward`` do not build this copy: they pass ``normalize_rows`` to
         :func:`~mmsae.sae.kernels.sparse_decode`, which applies the same normalisation to the selected rows
-        only (the autograd of an ``[m, d]`` division was measured at a second per step at 32 768 × 1024).
+        only (no ``[num_latents, d_in]`` division and its autograd per step).
         """
         if not self.normalize_in_forward:
             return self.W_dec
@@ -367,50 +391,14 @@ class TopKSAE(nn.Module):
         lead = x.shape[:-1]
         y = self._flat_input(x)
         k = self.cfg.k
-        k_fetch = 4 * k if self.cfg.multi_topk else k
-
-        aux_mask: Tensor | None = None
-        k_aux_eff = 0
-        if dead_mask is not None:
-            if dead_mask.shape != (self.num_latents,) or dead_mask.dtype != torch.bool:
-                raise ValueError(
-                    f"dead_mask must be a bool tensor of shape [{self.num_latents}], got "
-                    f"{dead_mask.dtype} {tuple(dead_mask.shape)}"
-                )
-            num_dead = int(dead_mask.sum())
-            if num_dead > 0:
-                k_aux_full = self.d_in // 2 if k_aux is None else int(k_aux)
-                if k_aux_full <= 0:
-                    raise ValueError(f"k_aux must be positive, got {k_aux_full}")
-                k_aux_eff = min(k_aux_full, num_dead)
-                aux_mask = dead_mask.to(self.device)
-        # Few dead latents (the usual case once training settles): AuxK as dense products over the dead
-        # subset only, which beats k_aux-wide sparse gathers; many dead (early on): the sparse kernels.
-        dead_subset = aux_mask is not None and num_dead * AUX_SUBSET_RATIO <= self.num_latents
-
-        box: list[SparsePattern | None] = [None]
-        enc = topk_encode(
-            y,
-            self.b_dec,
-            self.encoder.weight,
-            self.encoder.bias,
-            k_fetch,
-            aux_mask=None if dead_subset else aux_mask,
-            k_aux=0 if dead_subset else k_aux_eff,
-            chunk_rows=self._chunk_rows(),
-            pattern_box=box if k_fetch == k else None,
-        )
-        if k_fetch == k:
-            top_acts, top_idx = enc.acts, enc.indices
-            pattern = box[0]
-        else:
-            top_acts, pos = enc.acts.topk(k, dim=1, sorted=False)
-            top_idx = enc.indices.gather(1, pos)
-            pattern = None
+        aux = self._auxk_plan(dead_mask, k_aux)
+        enc, top_acts, top_idx, pattern = self._encode_for_forward(y, aux)
 
         # with normalize_in_forward the decoder applies decoder_weight()'s normalisation itself (fused)
-        w_dec, norm = self.W_dec, self.normalize_in_forward
-        sae_out = sparse_decode(top_acts, top_idx, w_dec, self.b_dec, pattern=pattern, normalize_rows=norm)
+        norm = self.normalize_in_forward
+        sae_out = sparse_decode(
+            top_acts, top_idx, self.W_dec, self.b_dec, pattern=pattern, normalize_rows=norm
+        )
         if variance_of is None:
             variance_of = _batch_variance
         if total_variance is None:
@@ -418,23 +406,8 @@ class TopKSAE(nn.Module):
         residual = y - sae_out
         fvu = residual.pow(2).sum() / total_variance
         zero = fvu.new_zeros(())
-
-        if k_aux_eff > 0 and dead_subset:
-            e_hat = self._aux_decode_subset(y, aux_mask, k_aux_eff)
-            e = residual.detach()
-            auxk_loss = (e_hat - e).pow(2).sum() / variance_of(e.float()).clamp_min(1e-12)
-        elif k_aux_eff > 0:
-            e_hat = sparse_decode(enc.aux_acts, enc.aux_indices, w_dec, None, normalize_rows=norm)
-            e = residual.detach()
-            auxk_loss = (e_hat - e).pow(2).sum() / variance_of(e.float()).clamp_min(1e-12)
-        else:
-            auxk_loss = zero
-
-        if self.cfg.multi_topk:
-            multi_out = sparse_decode(enc.acts, enc.indices, w_dec, self.b_dec, normalize_rows=norm)
-            multi_topk_fvu = (multi_out - y).pow(2).sum() / total_variance
-        else:
-            multi_topk_fvu = zero
+        auxk_loss = self._auxk_loss(y, residual, enc, aux, variance_of) if aux.k_aux > 0 else zero
+        multi_topk_fvu = self._multi_topk_fvu(y, enc, total_variance) if self.cfg.multi_topk else zero
 
         return ForwardOutput(
             sae_out=sae_out.reshape(*lead, self.d_in).to(x.dtype),
@@ -444,6 +417,78 @@ class TopKSAE(nn.Module):
             auxk_loss=auxk_loss,
             multi_topk_fvu=multi_topk_fvu,
         )
+
+    def _auxk_plan(self, dead_mask: Tensor | None, k_aux: int | None) -> _AuxKPlan:
+        """Check ``dead_mask`` and decide the AuxK term: its dead latents, width and path."""
+        if dead_mask is None:
+            return _AuxKPlan(None, 0, False)
+        if dead_mask.shape != (self.num_latents,) or dead_mask.dtype != torch.bool:
+            raise ValueError(
+                f"dead_mask must be a bool tensor of shape [{self.num_latents}], got "
+                f"{dead_mask.dtype} {tuple(dead_mask.shape)}"
+            )
+        num_dead = int(dead_mask.sum())
+        if num_dead == 0:
+            return _AuxKPlan(None, 0, False)
+        k_aux_full = self.d_in // 2 if k_aux is None else int(k_aux)
+        if k_aux_full <= 0:
+            raise ValueError(f"k_aux must be positive, got {k_aux_full}")
+        # Few dead latents (the usual case once training settles): AuxK as dense products over the dead
+        # subset only, which beats k_aux-wide sparse gathers; many dead (early on): the sparse kernels.
+        dead_subset = num_dead * AUX_SUBSET_RATIO <= self.num_latents
+        return _AuxKPlan(dead_mask.to(self.device), min(k_aux_full, num_dead), dead_subset)
+
+    def _encode_for_forward(
+        self, y: Tensor, aux: _AuxKPlan
+    ) -> tuple[TopKEncoding, Tensor, Tensor, SparsePattern | None]:
+        """Encode ``y`` ``[n, d_in]`` once: the kernel's encoding (its top ``4k`` with Multi-TopK; the AuxK
+        selection on the sparse path), the top-k values and indices ``[n, k]`` and their sparse pattern
+        (None with Multi-TopK, where the top k are picked from the 4k)."""
+        k = self.cfg.k
+        k_fetch = 4 * k if self.cfg.multi_topk else k
+        sparse_aux = aux.mask is not None and not aux.dead_subset
+        box: list[SparsePattern | None] = [None]
+        enc = topk_encode(
+            y,
+            self.b_dec,
+            self.encoder.weight,
+            self.encoder.bias,
+            k_fetch,
+            aux_mask=aux.mask if sparse_aux else None,
+            k_aux=aux.k_aux if sparse_aux else 0,
+            chunk_rows=self._chunk_rows(),
+            pattern_box=box if k_fetch == k else None,
+        )
+        if k_fetch == k:
+            return enc, enc.acts, enc.indices, box[0]
+        top_acts, pos = enc.acts.topk(k, dim=1, sorted=False)
+        return enc, top_acts, enc.indices.gather(1, pos), None
+
+    def _auxk_loss(
+        self,
+        y: Tensor,
+        residual: Tensor,
+        enc: TopKEncoding,
+        aux: _AuxKPlan,
+        variance_of: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        """AuxK loss: the dead latents' reconstruction of the detached ``residual`` (no ``b_dec``), its squared
+        error over the residual's variance."""
+        if aux.dead_subset:
+            e_hat = self._aux_decode_subset(y, aux.mask, aux.k_aux)
+        else:
+            e_hat = sparse_decode(
+                enc.aux_acts, enc.aux_indices, self.W_dec, None, normalize_rows=self.normalize_in_forward
+            )
+        e = residual.detach()
+        return (e_hat - e).pow(2).sum() / variance_of(e.float()).clamp_min(1e-12)
+
+    def _multi_topk_fvu(self, y: Tensor, enc: TopKEncoding, total_variance: Tensor) -> Tensor:
+        """FVU of the reconstruction from all ``4k`` latents the encoder selected (Multi-TopK)."""
+        multi_out = sparse_decode(
+            enc.acts, enc.indices, self.W_dec, self.b_dec, normalize_rows=self.normalize_in_forward
+        )
+        return (multi_out - y).pow(2).sum() / total_variance
 
     def _aux_decode_subset(self, y: Tensor, dead: Tensor, k_aux: int) -> Tensor:
         """AuxK's reconstruction of the residual from the top ``k_aux`` dead latents (no ``b_dec``), computed

@@ -1,5 +1,7 @@
-// Sorting of the feature index: click a column header, or open the page with #sort=KEY (ascending)
-// or #sort=-KEY (descending). Rows keep their values in data-KEY attributes; empty values sort last.
+// The feature index: sort by clicking a column header, or open the page with #sort=KEY (ascending) or
+// #sort=-KEY (descending); rows keep their values in data-KEY attributes, empty values sort last.
+// Search: rows whose feature id starts with the query, or whose explanation or tokens (data-search) hold it.
+// Escape closes an enlarged heat map (a focused figure).
 (function () {
   "use strict";
   var table = document.getElementById("feature-index");
@@ -52,4 +54,27 @@
   });
   window.addEventListener("hashchange", fromHash);
   fromHash();
+
+  var search = document.getElementById("feature-search");
+  var count = document.getElementById("search-count");
+  function filter() {
+    var q = search.value.trim().toLowerCase();
+    var shown = 0;
+    Array.prototype.forEach.call(body.rows, function (row) {
+      var hit = q === "" || row.getAttribute("data-feature-row").indexOf(q) === 0 ||
+        (row.getAttribute("data-search") || "").indexOf(q) >= 0;
+      row.hidden = !hit;
+      if (hit) { shown += 1; }
+    });
+    count.textContent = q === "" ? "" : shown + " of " + body.rows.length + " features";
+  }
+  if (search && count) {
+    search.addEventListener("input", filter);
+    filter();
+  }
+
+  document.addEventListener("keydown", function (e) {
+    var el = document.activeElement;
+    if (e.key === "Escape" && el && el.tagName === "FIGURE") { el.blur(); }
+  });
 })();

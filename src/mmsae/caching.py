@@ -1,0 +1,201 @@
+"""Images in, shard sets out: the cache stage's batches, forward pass and background shard-set writer.
+
+`image_loader` decodes and preprocesses batches of images (bad images skipped and reported, not raised);
+`forward_rows` runs one forward pass cut after the deepest hook point and returns, per hook point, the
+kept rows with their geometry columns; `SetBuffer` gathers whole batches into a shard set; `SetWriter`
+writes sets in order on one background thread, so encoding and writing overlap the forward passes.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mmsae import activations
+from mmsae.config import CacheConfig
+
+
+class CacheWriteError(RuntimeError):
+    """A shard set could not be written (or follows one that could not)."""
+
+
+@dataclass
+class SetBuffer:
+    """The shard set being filled: whole batches of rows, and what it will record about its images."""
+
+    first_image: int
+    parts: dict[str, list[dict[str, torch.Tensor]]]
+    images: list[list[int]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    rows: int = 0
+
+    @classmethod
+    def empty(cls, first_image: int, hook_names: list[str]) -> SetBuffer:
+        return cls(first_image, {h: [] for h in hook_names})
+
+
+
+class ImageBatches(torch.utils.data.Dataset):
+    """Chunk j -> decoded, preprocessed batch; bad images are skipped and reported, not raised."""
+
+    def __init__(self, ds, chunks: list[list[int]], processor, prompt: str):
+        self.ds, self.chunks, self.processor, self.prompt = ds, chunks, processor, prompt
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        ok, images, sizes, skipped = [], [], [], []
+        for i in self.chunks[j]:
+            row = self.ds[i]
+            try:
+                img = decode_image(row["image"])
+            except Exception as e:  # noqa: BLE001 - any bad image (PIL's DecompressionBombError too) is skipped
+                skipped.append({"image_idx": i, "name": image_name(row), "error": f"{type(e).__name__}: {e}"})
+                continue
+            ok.append(i)
+            images.append(img)
+            sizes.append(img.size)
+        inputs = None
+        if images:
+            inputs = self.processor(images=images, text=[self.prompt] * len(images), padding=True,
+                                    return_tensors="pt")
+        return {"ok": ok, "sizes": sizes, "skipped": skipped, "inputs": inputs}
+
+
+def image_name(row: dict[str, Any]) -> str:
+    """What names an image of a set to a person: its file's path, else its ``id``, else '' (its row only)."""
+    cell = row.get("image")
+    if isinstance(cell, dict) and cell.get("path"):
+        return str(cell["path"])
+    return str(row.get("id") or "")
+
+
+def decode_image(value: Any) -> Image.Image:
+    """An image cell (bytes/path dict from an undecoded HF column, or a PIL image) as RGB.
+
+    Errors name the data, never an object's address, so a resumed run lists them byte for byte the same.
+    """
+    if isinstance(value, Image.Image):
+        img = value
+    elif isinstance(value, dict) and value.get("bytes"):
+        data = value["bytes"]
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise UnidentifiedImageError(
+                f"cannot identify image data ({len(data)} bytes starting {data[:8]!r})") from None
+    elif isinstance(value, dict) and value.get("path"):
+        img = Image.open(value["path"])
+    else:
+        raise ValueError(f"no image data in cell of type {type(value).__name__}")
+    img.load()
+    if img.width < 1 or img.height < 1:
+        raise ValueError(f"empty image {img.size}")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def image_loader(ds, chunks, processor, prompt, num_workers):
+    import datasets
+
+    if "image" in ds.features and isinstance(ds.features["image"], datasets.Image):
+        ds = ds.cast_column("image", datasets.Image(decode=False))
+    return torch.utils.data.DataLoader(
+        ImageBatches(ds, chunks, processor, prompt), batch_size=None, shuffle=False,
+        num_workers=num_workers, prefetch_factor=2 if num_workers else None,
+    )
+
+
+@torch.inference_mode()
+def forward_rows(lmm, hooks, batch, c: CacheConfig, capture) -> dict[str, dict[str, torch.Tensor]]:
+    """One forward pass; returns per hook point the kept rows with their geometry columns."""
+    from mmsae.models import token_geometry
+
+    inputs = batch["inputs"]
+    device = next(lmm.model.parameters()).device
+    model_inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    if "pixel_values" in model_inputs:
+        model_inputs["pixel_values"] = model_inputs["pixel_values"].to(next(lmm.model.parameters()).dtype)
+    with capture(lmm.model, hooks, stop_early=True) as acts:
+        lmm.model(**model_inputs)
+    ids = inputs["input_ids"]
+    attn = inputs.get("attention_mask", torch.ones_like(ids)).bool()
+    geo = token_geometry(lmm.family, lmm.config, ids, inputs.get("image_sizes"), lmm.processor,
+                         batch_num_images=inputs.get("batch_num_images"))
+    view = torch.as_tensor(np.asarray(geo.view))
+    if c.tokens == "image":
+        keep = (view != activations.VIEW_TEXT) & attn
+    elif c.tokens == "text":
+        keep = (view == activations.VIEW_TEXT) & attn
+    else:
+        keep = attn.clone()
+    # position in the unpadded sequence, so padding (left or right) never changes a row
+    pos = torch.cumsum(attn.long(), dim=1) - 1
+    b_idx = torch.as_tensor(batch["ok"], dtype=torch.int64)[:, None].expand_as(ids)
+    sel = keep.nonzero(as_tuple=True)
+    index_cols = {
+        "image_idx": b_idx[sel],
+        "token_pos": pos[sel].to(torch.int32),
+        "view": view[sel].to(torch.int16),
+        "row": torch.as_tensor(np.asarray(geo.row))[sel].to(torch.int16),
+        "col": torch.as_tensor(np.asarray(geo.col))[sel].to(torch.int16),
+    }
+    out = {}
+    dtype = activations.DTYPES[c.dtype]
+    for h in hooks:
+        x = acts[h.name]
+        rows = x[sel[0].to(x.device), sel[1].to(x.device)].to("cpu", dtype)
+        out[h.name] = {"acts": rows, **index_cols}
+    return out
+
+
+def concat_rows(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([p[k] for p in parts]) for k in activations.COLUMNS}
+
+
+
+class SetWriter:
+    """Writes shard sets in order on one background thread: encoding and writing overlap the forward passes.
+
+    ``write(index, buffer, end_image, progress)`` writes one set and returns its bytes. Once a write fails,
+    the later ones write nothing: progress must never count a set after a missing one.
+    """
+
+    def __init__(self, write: Callable[[int, SetBuffer, int, dict[str, Any]], int]):
+        self._write_set = write
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: deque[Future[int]] = deque()
+        self._failed = False
+
+    def submit(self, index: int, buf: SetBuffer, end_image: int, progress: dict[str, Any]) -> None:
+        self._pending.append(self._pool.submit(self._write, index, buf, end_image, progress))
+
+    def _write(self, index: int, buf: SetBuffer, end_image: int, progress: dict[str, Any]) -> int:
+        if self._failed:
+            raise CacheWriteError(f"shard set {index} not written: an earlier set failed to write")
+        try:
+            return self._write_set(index, buf, end_image, progress)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def reap(self, in_flight: int) -> int:
+        """Wait until at most ``in_flight`` sets are left in flight (bounded memory); raise a failed write.
+
+        Returns the bytes the finished writes wrote.
+        """
+        written = 0
+        while self._pending and (self._pending[0].done() or len(self._pending) > in_flight):
+            written += self._pending.popleft().result()
+        return written
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,207 @@
+"""The headline figures of the dashboard: what each recorded figure is called, its unit and what it means.
+
+:data:`FIGURES` is the one table of known figure names. A key is ``"<step>/<name>"`` (a figure whose
+meaning depends on the step) or ``"<name>"``; ``{kind}`` in a key stands for a word (a token kind, a concept
+kind) that the label takes. Figures of a sweep of SAEs carry their variant as a path prefix
+(``k32-m4096/layers.1/heldout_fvu_image``), shown after the label. A figure the table does not know is
+shown under its raw key. A figure may name its baseline (another figure of the same step, e.g. the
+precision a random feature would reach): the baseline is shown beside it, not as a figure of its own.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mmsae import tracking
+
+STEP_ORDER = ("toyworld", "cache", "train", "mine", "explain", "score", "steer")
+"""Steps in pipeline order (others follow by name)."""
+
+
+@dataclass(frozen=True)
+class Figure:
+    label: str
+    unit: str
+    """"" (a plain number), "count", "%" (already a percentage), "bytes", or a unit shown after the value."""
+    meaning: str
+    baseline: str | None = None
+    """Name of the figure (same step) that this one is judged against."""
+    baseline_label: str = "random"
+    group: str | None = None
+    """Shown on a card of its own with this title (e.g. the ground-truth figures of the mine step)."""
+
+
+_GT = "ground truth"
+FIGURES: dict[str, Figure] = {
+    "toyworld/n_train_images": Figure("training images", "count", "scenes in the toy world's training split"),
+    "toyworld/n_heldout_images": Figure("held-out images", "count", "scenes in the toy world's held-out split"),
+    "toyworld/toy_lmm_pair_accuracy": Figure("toy LMM colour+texture accuracy", "",
+                                             "share of objects whose colour and texture the toy LMM's captions name"),
+    "toyworld/toy_lmm_{kind}_accuracy": Figure("toy LMM {kind} accuracy", "",
+                                               "share of objects whose {kind} the toy LMM's captions name"),
+    "cache/images": Figure("images cached", "count", "images whose activations were written"),
+    "cache/images_skipped": Figure("images skipped", "count", "images that could not be decoded"),
+    "cache/tokens": Figure("tokens cached", "count", "activation rows per hook point"),
+    "cache/shards": Figure("shards", "count", "shard files per hook point"),
+    "cache/images_per_s_rank0": Figure("throughput", "images/s", "images per second on rank 0"),
+    "cache/tokens_per_s_rank0": Figure("throughput", "tokens/s", "activation rows per second on rank 0"),
+    "cache/bytes_written": Figure("written", "bytes", "size of the shards and their tables"),
+    "train/steps": Figure("steps", "count", "optimizer steps taken"),
+    "train/tokens": Figure("tokens trained on", "count", "activation rows the SAE saw"),
+    "train/dead_pct": Figure("dead latents", "%", "latents that did not fire within train.dead_tokens tokens"),
+    "heldout_never_fired_pct": Figure("never fired on held-out tokens", "%",
+                                      "latents that fired on no held-out token"),
+    "heldout_fvu_{kind}": Figure("held-out FVU, {kind} tokens", "",
+                                 "variance the reconstruction leaves unexplained (0 perfect, 1 no better than the mean)"),
+    "heldout_tokens_{kind}": Figure("held-out tokens, {kind}", "count", "tokens the held-out figures are measured on"),
+    "lm_loss_clean": Figure("caption loss, clean", "nats/token", "the LMM's loss on held-out captions"),
+    "lm_loss_sae": Figure("caption loss, SAE spliced in", "nats/token",
+                          "the same loss with the hook point's output replaced by its reconstruction",
+                          baseline="lm_loss_clean", baseline_label="clean"),
+    "lm_loss_zero": Figure("caption loss, hook point zeroed", "nats/token",
+                           "the same loss with the hook point's output set to zero"),
+    "lm_delta_loss": Figure("loss added by the SAE", "nats/token", "SAE-spliced loss minus clean loss"),
+    "loss_recovered": Figure("loss recovered", "", "(zeroed − SAE) / (zeroed − clean): 1 means the SAE loses nothing"),
+    "lm_eval_images": Figure("caption-loss images", "count", "held-out images the caption losses average over"),
+    "mine/features_mined": Figure("features mined", "count", "SAE latents whose top images were sought"),
+    "mine/features_alive": Figure("features that fire", "count", "mined features with at least one top image"),
+    "mine/dead_pct": Figure("features that never fire", "%", "mined features active on no image"),
+    "mine/features_selected": Figure("features selected", "count", "features later stages explain (mine.select)"),
+    "mine/images": Figure("images mined", "count", "images streamed through the SAE"),
+    "mine/tokens": Figure("tokens mined", "count", "tokens streamed through the SAE"),
+    "mine/tokens_per_s": Figure("throughput", "tokens/s", "tokens encoded and mined per second"),
+    "mine/map_rows": Figure("token-map rows", "count", "activating tokens stored for the kept images"),
+    "mine/peak_state_mib": Figure("peak miner state", "MiB", "largest memory held by the miner's running state"),
+    "mine/mean_l0": Figure("mean L0", "", "features active per token, on average"),
+    "mine/heatmaps": Figure("heat maps", "count", "heat-map PNGs rendered"),
+    "gt_concepts": Figure("concepts scored", "count", "planted concepts of the kinds counted", group=_GT),
+    "gt_topk_precision": Figure("top-K precision", "", "share of the best-matching feature's top-K images that hold "
+                                "the concept, mean over concepts", baseline="gt_topk_precision_random", group=_GT),
+    "gt_topk_precision_random": Figure("top-K precision of a random feature", "",
+                                       "the concepts' mean base rate", group=_GT),
+    "gt_features_distinct": Figure("distinct best-matching features", "count",
+                                   "features that match at least one concept", group=_GT),
+    "gt_iou": Figure("IoU with the concept mask", "", "overlap of the matching feature's heat map (cut at a share "
+                     "of its maximum) with the concept's mask", group=_GT),
+    "gt_f1": Figure("detection F1", "", "best F1 of a feature's firing as a detector of the concept over all images",
+                    baseline="gt_f1_always_fires", baseline_label="always fires", group=_GT),
+    "gt_f1_always_fires": Figure("detection F1 of a feature that always fires", "", "2p / (1 + p) for base rate p",
+                                 group=_GT),
+    "gt_f1_features_distinct": Figure("distinct detector features", "count",
+                                      "features that detect at least one concept best", group=_GT),
+    "gt_f1_iou": Figure("detector IoU with the concept mask", "", "IoU of the best detector's heat maps", group=_GT),
+    "gt_topk_precision_{kind}": Figure("top-K precision, {kind}", "", "the same, over {kind} concepts", group=_GT),
+    "gt_iou_{kind}": Figure("IoU, {kind}", "", "the same, over {kind} concepts", group=_GT),
+    "gt_f1_{kind}": Figure("detection F1, {kind}", "", "the same, over {kind} concepts", group=_GT),
+    "gt_f1_recall_{kind}": Figure("detection recall, {kind}", "",
+                                  "share of the concept's images its best detector fires on", group=_GT),
+    "gt_f1_iou_{kind}": Figure("detector IoU, {kind}", "", "the same, over {kind} concepts", group=_GT),
+}
+
+GROUND_TRUTH_COLUMNS = {
+    "concept": "concept", "kind": "kind", "feature": "best feature", "hits": "top-K hits", "top_k": "K",
+    "precision": "top-K precision", "iou": "IoU", "iou_images": "IoU images", "base_rate": "base rate",
+    "tied": "tied features", "f1_feature": "detector feature", "f1": "F1", "f1_precision": "F1 precision",
+    "f1_recall": "F1 recall", "f1_iou": "detector IoU",
+}
+"""Column labels of the per-concept ground-truth table (unknown columns keep their names)."""
+
+_PATTERNS = [(re.compile("^" + re.escape(key).replace(re.escape("{kind}"), "(?P<kind>[a-z0-9]+)") + "$"), key)
+             for key in FIGURES if "{kind}" in key]
+
+
+def describe(step: str, name: str) -> Figure | None:
+    """The table's entry for figure ``name`` of ``step`` (its labels filled in), or None when unknown."""
+    for key in (f"{step}/{name}", name):
+        if key in FIGURES:
+            return FIGURES[key]
+    for pattern, key in _PATTERNS:
+        found = pattern.match(f"{step}/{name}") if "/" in key else pattern.match(name)
+        if found:
+            fig = FIGURES[key]
+            kind = found.group("kind")
+            return Figure(fig.label.format(kind=kind), fig.unit, fig.meaning.format(kind=kind),
+                          fig.baseline, fig.baseline_label, fig.group)
+    return None
+
+
+def headline(summaries: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Cards of headline figures, one per step (and group), in pipeline order: each row a figure with its
+    label, raw key, value with unit, meaning and, when recorded, its baseline beside it."""
+    cards: dict[str, dict[str, Any]] = {}
+    for step in sorted(summaries, key=lambda s: (STEP_ORDER.index(s) if s in STEP_ORDER else len(STEP_ORDER), s)):
+        figures = summaries[step]
+        flat = dict(tracking.flatten(figures)) if isinstance(figures, Mapping) else {"value": figures}
+        entries = {key: _split(step, key) for key in flat}
+        shown_as_baseline = {f"{prefix}{fig.baseline}" for key, (prefix, fig) in entries.items()
+                             if fig and fig.baseline and f"{prefix}{fig.baseline}" in flat}
+        for key, (prefix, fig) in entries.items():
+            if key in shown_as_baseline:
+                continue
+            group = fig.group if fig and fig.group else None
+            card = cards.setdefault(f"{step}:{group}", {"step": step if group is None else _slug(group),
+                                                        "title": step if group is None else f"{group} ({step})",
+                                                        "rows": []})
+            card["rows"].append(_row(key, flat[key], prefix, fig, flat))
+    return list(cards.values())
+
+
+def _split(step: str, key: str) -> tuple[str, Figure | None]:
+    """A figure's variant prefix (``name/hookpoint/`` of a sweep, else "") and its table entry."""
+    prefix, _, name = key.rpartition("/")
+    return (prefix + "/" if prefix else ""), describe(step, name)
+
+
+def _row(key: str, value: Any, prefix: str, fig: Figure | None, flat: Mapping[str, Any]) -> dict[str, Any]:
+    if fig is None:
+        return {"key": key, "label": key, "known": False, "value": format_value(value, ""), "meaning": "",
+                "baseline": None}
+    baseline = None
+    if fig.baseline and f"{prefix}{fig.baseline}" in flat:
+        baseline = {"label": fig.baseline_label, "key": f"{prefix}{fig.baseline}",
+                    "value": format_value(flat[f"{prefix}{fig.baseline}"], fig.unit)}
+    label = fig.label + (f" ({prefix.rstrip('/')})" if prefix else "")
+    return {"key": key, "label": label, "known": True, "value": format_value(value, fig.unit),
+            "meaning": fig.meaning, "baseline": baseline}
+
+
+def format_value(value: Any, unit: str) -> str:
+    """A figure's value with its unit, e.g. ``12.5 %``, ``3.1 MiB``, ``1,024``."""
+    if isinstance(value, bool) or value is None or not isinstance(value, int | float):
+        return "" if value is None else str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "n/a"
+    if unit == "bytes":
+        return _bytes(float(value))
+    if unit == "count" or (isinstance(value, int) and unit == ""):
+        return f"{int(value):,}"
+    text = number(value)
+    return f"{text} %" if unit == "%" else f"{text} {unit}" if unit else text
+
+
+def number(value: float | int) -> str:
+    """A number as people read it: thousands separators for integers and from 1,000 up, 4 significant
+    digits below (3 in exponent notation beyond that range)."""
+    if isinstance(value, int):
+        return f"{value:,}"
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e15):
+        return f"{value:.3g}"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def _bytes(n: float) -> str:
+    if abs(n) < 1024:
+        return f"{n:,.0f} bytes"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if abs(n) < 1024 or unit == "GiB":
+            break
+    return f"{n:.3g} {unit}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9_-]+", "-", text.lower()).strip("-") or "x"
