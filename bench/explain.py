@@ -50,8 +50,9 @@ RESIZE_IMAGES = 50
 def main() -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mmsae-bench-explain-") as tmp:
         top = _top_examples(Path(tmp) / "mine")
-        server = subprocess.Popen([sys.executable, "-m", "mmsae.explainers.loopback", "--latency", str(LATENCY_S),
-                                   "--model", MODEL], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        command = [sys.executable, "-m", "mmsae.explainers.loopback", "--latency", str(LATENCY_S),
+                   "--model", MODEL]
+        server = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             url = server.stdout.readline().strip()
             if not url.startswith("http://"):
@@ -78,7 +79,8 @@ def _explain(tmp: str, top: str, url: str) -> dict[str, Any]:
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     ideal = CONCURRENCY / LATENCY_S
     figures = {
-        "features": N_FEATURES, "images_per_feature": IMAGES, "concurrency": CONCURRENCY, "latency_s": LATENCY_S,
+        "features": N_FEATURES, "images_per_feature": IMAGES, "concurrency": CONCURRENCY,
+        "latency_s": LATENCY_S,
         "ok": out.figures["ok"], "requests": out.figures["requests"],
         "features_per_s": out.figures["features_per_s"], "ideal_features_per_s": ideal,
         "ratio": out.figures["features_per_s"] / ideal, "stage_wall_s": wall,

@@ -18,7 +18,8 @@ def explain(
     explanations: Output[Dataset],
     metrics: Output[Metrics],
 ):
-    """Explain the selected features (see ``mmsae.stages.explain``); ``explanations`` points to the artifact."""
+    """Explain the selected features (see ``mmsae.stages.explain``); ``explanations`` points to the
+    artifact."""
     from mmsae.components.metrics import log_figures
     from mmsae.components.pointers import read_pointer, write_pointer
     from mmsae.config import config_from_yaml

@@ -21,11 +21,14 @@ STAGE_COMMANDS = {
     ("cache",): ["--image-set", "--model", "--out"],
     ("train",): ["--shards", "--out"],
     ("mine",): ["--shards", "--sae", "--out"],
+    ("explain",): ["--top-examples", "--out"],
+    ("score",): ["--explanations", "--top-examples", "--out"],
     ("report",): ["--top-examples", "--explanations", "--scores", "--steering", "--out"],
     ("toyworld", "build"): ["--workdir"],
     ("demo",): ["--out"],
 }
-TOP_LEVEL_COMMANDS = {"cache", "train", "mine", "report", "demo", "sae", "toyworld", "pipeline", "config"}
+TOP_LEVEL_COMMANDS = {"cache", "train", "mine", "explain", "score", "report", "demo", "sae", "toyworld", "pipeline",
+                      "config", "runs"}
 
 
 def _help(*cmd: str) -> str:

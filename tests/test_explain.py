@@ -1,6 +1,6 @@
-"""The explain stage and its explainers: the OpenAI-compatible client against a scripted loopback server (faults,
-retries, the response cache, clear errors, the API key kept out of every file), the in-process backend on the
-toy world's images, the reuse rule, the component and the command."""
+"""The explain stage and its explainers: the OpenAI-compatible client against a scripted loopback server
+(faults, retries, the response cache, clear errors, the API key kept out of every file), the in-process
+backend on the toy world's images, the reuse rule, the component, the command and the pipeline step."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def feature_of(question: Question) -> int:
 
 def write_top_examples(uri: str, masked: dict[int, list[bytes]], silent: tuple[int, ...] = (),
                        hookpoint: str = "layers.1", shards: str = "shards-uri") -> str:
-    """A top-examples artifact: each feature of ``masked`` with those masked heat maps (image_idx 100 f + rank),
-    each of ``silent`` without any top image; all of them selected."""
+    """A top-examples artifact: each feature of ``masked`` with those masked heat maps (image_idx
+    100 f + rank), each of ``silent`` without any top image; all of them selected."""
     lines, names, sizes = [], [], {}
     for feature in sorted([*masked, *silent]):
         pngs = masked.get(feature, [])
@@ -62,14 +62,16 @@ def write_top_examples(uri: str, masked: dict[int, list[bytes]], silent: tuple[i
             sizes[str(100 * feature + rank)] = {"width": 12, "height": 8}
     storage.write_text(storage.join(uri, "features.jsonl"), "\n".join(lines) + "\n")
     storage.write_json(storage.join(uri, "images.json"), sizes)
-    storage.write_manifest(uri, "top_examples", files=[*names, "features.jsonl", "images.json"], format_version=2,
+    storage.write_manifest(uri, "top_examples", files=[*names, "features.jsonl", "images.json"],
+                           format_version=2,
                            inputs={"sae": "sae-uri", "shards": shards, "image_set": "images-uri"},
                            extra={"hookpoint": hookpoint, "features": sorted([*masked, *silent]),
                                   "selected": sorted([*masked, *silent]), "figures": {}})
     return uri
 
 
-def flat_top_examples(uri: str, features: range | list[int], silent: tuple[int, ...] = (), images: int = 3) -> str:
+def flat_top_examples(uri: str, features: range | list[int], silent: tuple[int, ...] = (),
+                      images: int = 3) -> str:
     return write_top_examples(uri, {f: [feature_png(f, r) for r in range(images)] for f in features}, silent)
 
 
@@ -77,8 +79,8 @@ def config(tmp_path: Path, server_url: str = "", **explain_settings) -> RunConfi
     cfg = RunConfig()
     cfg.run.workdir = str(tmp_path / "work")
     cfg.tracking.enabled = False
-    settings = {"backend": "openai", "endpoint": server_url, "model": MODEL, "concurrency": 4, "timeout_s": 5.0,
-                "max_retries": 3, "image_long_side": None, **explain_settings}
+    settings = {"backend": "openai", "endpoint": server_url, "model": MODEL, "concurrency": 4,
+                "timeout_s": 5.0, "max_retries": 3, "image_long_side": None, **explain_settings}
     cfg.explain = ExplainConfig(**settings)
     return cfg
 
@@ -113,7 +115,8 @@ def test_replies_are_parsed_after_the_last_marker_and_unable_is_an_outcome():
 
 
 def test_template_sections_placeholders_and_errors():
-    template = parse_template("# comment {x}\n[SYSTEM]\nYou {role}.\n[USER]\nSee {n_images} images {x}\n", "t.txt")
+    text = "# comment {x}\n[SYSTEM]\nYou {role}.\n[USER]\nSee {n_images} images {x}\n"
+    template = parse_template(text, "t.txt")
     assert template.render(n_images=3, role="judge", x="{y}") == ("You judge.", "See 3 images {y}")
     with pytest.raises(ExplainError, match=r"uses \{role\}"):
         template.render(n_images=3, x=1)
@@ -156,7 +159,7 @@ def faulty(question: Question) -> Reply:
     if feature == 4 and attempt == 1:
         return Reply(f"[EXPLANATION]: too late {feature}", delay_s=STALL_S)
     if feature in OK_FEATURES:
-        return Reply(f"The highlighted regions all show the same thing.\n[EXPLANATION]: things of kind {feature}")
+        return Reply(f"The highlighted regions show one thing.\n[EXPLANATION]: things of kind {feature}")
     if feature in UNABLE_FEATURES:
         return Reply("[EXPLANATION]: Unable to produce descriptions")
     if feature in NO_MARKER:
@@ -172,8 +175,9 @@ def test_faults_are_retried_and_the_counts_are_exact_and_a_rerun_asks_only_what_
         cfg = config(tmp_path, server.base_url, timeout_s=2.0)
         out = explain.run(cfg)
         figures = out.figures
-        assert {k: figures[k] for k in ("features", "ok", "unable", "failed", "no_examples", "requests", "cached")} \
-            == {"features": 20, "ok": 10, "unable": 4, "failed": 4, "no_examples": 2, "requests": 18, "cached": 0}
+        counted = ("features", "ok", "unable", "failed", "no_examples", "requests", "cached")
+        assert {k: figures[k] for k in counted} == {"features": 20, "ok": 10, "unable": 4, "failed": 4,
+                                                   "no_examples": 2, "requests": 18, "cached": 0}
         attempts = {f: server.count(lambda q, f=f: feature_of(q) == f) for f in range(20)}
         assert attempts == {**dict.fromkeys(range(18), 1), 1: 2, 2: 3, 3: 2, 4: 2, 18: 0, 19: 0}
         first, second = [q.time for q in server.questions if feature_of(q) == 1]
@@ -221,8 +225,8 @@ def test_a_killed_run_resumes_from_the_cache(tmp_path):
 
     with LoopbackServer(failing) as server:
         cfg = config(tmp_path, server.base_url, max_retries=1, concurrency=2)
-        with pytest.raises(EndpointError, match=rf"the explainer endpoint {server.base_url} kept failing after 1 "
-                                                r"retries \(503: overloaded\)"):
+        message = rf"endpoint {server.base_url} kept failing after 1 retries \(503: overloaded\)"
+        with pytest.raises(EndpointError, match=message):
             explain.run(cfg)
         assert not storage.exists(storage.join(cfg.run.workdir, "explain", "manifest.json"))
         answered = {feature_of(q) for q in server.questions if feature_of(q) < 6}
@@ -249,10 +253,9 @@ def test_an_unreachable_endpoint_is_one_error_naming_it(tmp_path):
     assert str(err.value).startswith(f"cannot reach the explainer endpoint {url} after 1 retries")
     assert not list(Path(tmp_path / "work").glob("explain-cache/**/*.json"))
 
-    result = CliRunner().invoke(_cli_app(), ["explain", "--set", f"run.workdir={tmp_path / 'work'}",
-                                             "--set", "tracking.enabled=false", "--set", "explain.backend=openai",
-                                             "--set", f"explain.endpoint={url}", "--set", f"explain.model={MODEL}",
-                                             "--set", "explain.max_retries=0"])
+    settings = [f"run.workdir={tmp_path / 'work'}", "tracking.enabled=false", "explain.backend=openai",
+                f"explain.endpoint={url}", f"explain.model={MODEL}", "explain.max_retries=0"]
+    result = CliRunner().invoke(_cli_app(), ["explain", *[arg for s in settings for arg in ("--set", s)]])
     assert result.exit_code == 1
     assert f"error: cannot reach the explainer endpoint {url}" in result.output
     assert "Traceback" not in result.output
@@ -265,9 +268,9 @@ def _cli_app():
 
 
 @pytest.mark.parametrize(("model", "reply", "message"), [
-    ("no-such-model", None, r"has no model 'no-such-model' \(404: The model `no-such-model` does not exist.\)"),
+    ("no-such-model", None, r"no model 'no-such-model' \(404: The model `no-such-model` does not exist.\)"),
     (MODEL, Reply(status=400, message="toy-explainer is not a multimodal model"), "refused the images"),
-    (MODEL, Reply(status=401, message="invalid key"), r"refused the request \(401: invalid key\): the API key"),
+    (MODEL, Reply(status=401, message="invalid key"), r"refused the request \(401: invalid key\): the API"),
 ], ids=["wrong-model", "no-images", "bad-key"])
 def test_a_request_no_feature_can_pass_stops_after_the_first_call(model, reply, message, tmp_path):
     flat_top_examples(str(tmp_path / "work" / "mine"), range(10))
@@ -290,8 +293,24 @@ def test_the_api_key_is_sent_but_never_written_or_logged(tmp_path, monkeypatch, 
         assert {q.authorization for q in server.questions} == {f"Bearer {secret}"}
     assert secret not in caplog.text and secret not in dump_config(cfg)
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert any(p.name == "mlflow.db" for p in written) and any(p.name == explain.RECORDS_FILE for p in written)
+    assert {"mlflow.db", explain.RECORDS_FILE} <= {p.name for p in written}
     assert [p for p in written if secret.encode() in p.read_bytes()] == []
+
+
+@pytest.mark.services
+def test_explaining_from_and_into_s3_with_the_cache_there(tmp_path, s3_env):
+    flat_top_examples(f"{s3_env}/mine", range(4), silent=(9,))
+    with LoopbackServer(fixed_reply()) as server:
+        cfg = config(tmp_path, server.base_url)
+        cfg.run.workdir = s3_env
+        first = explain.run(cfg)
+        assert first.uri == f"{s3_env}/explain" and first.figures["ok"] == 4
+        assert len([n for n in storage.list_files(f"{s3_env}/explain-cache") if n.endswith(".json")]) == 4
+        cfg.explain.out = f"{s3_env}/again"
+        again = explain.run(cfg)
+        assert server.count() == 4 and again.figures["cached"] == 4
+    lines = storage.read_text(f"{s3_env}/again/{explain.RECORDS_FILE}").splitlines()
+    assert [json.loads(line)["status"] for line in lines] == ["ok"] * 4 + ["no_examples"]
 
 
 def test_images_are_sent_as_png_resized_to_the_long_side(tmp_path):
@@ -460,7 +479,8 @@ def test_local_backend_explains_the_toy_concepts_through_the_stage(tmp_path, tin
 
 def test_local_backend_captions_with_a_real_checkpoint(tmp_path, tiny_checkpoint):
     flat_top_examples(str(tmp_path / "work" / "mine"), range(3))
-    out = explain.run(config(tmp_path, backend="local", model=tiny_checkpoint, max_new_tokens=4, batch_size=4))
+    cfg = config(tmp_path, backend="local", model=tiny_checkpoint, max_new_tokens=4, batch_size=4)
+    out = explain.run(cfg)
     got = records(out)
     assert {r["status"] for r in got.values()} <= {"ok", "unable"}
     assert out.figures["ok"] + out.figures["unable"] == 3
@@ -484,11 +504,13 @@ def test_component_passes_pointers_and_logs_finite_figures(tmp_path, monkeypatch
         stand_in,
     )
 
-    cfg = load_config(None, [f"run.workdir={tmp_path / 'work'}", "explain.concurrency=7", "tracking.enabled=false"])
+    cfg = load_config(None, [f"run.workdir={tmp_path / 'work'}", "explain.concurrency=7",
+                             "tracking.enabled=false"])
     calls = stand_in(monkeypatch, "explain", StageOutputs("s3://bucket/run/explain", FIGURES))
     pointer, metrics = FakeArtifact(tmp_path, "explanations"), FakeMetrics(tmp_path)
-    component.python_func(config_yaml=dump_config(cfg), parent_run_id="", explanations=pointer, metrics=metrics,
-                          top_examples=pointer_in_file(tmp_path, "top_examples", "/data/mined"))
+    top = pointer_in_file(tmp_path, "top_examples", "/data/mined")
+    component.python_func(config_yaml=dump_config(cfg), parent_run_id="", explanations=pointer,
+                          metrics=metrics, top_examples=top)
     (given,), kwargs = calls[0]
     assert given == cfg and kwargs == {"top_examples": "/data/mined", "parent_run_id": None}
     assert_points_to(pointer, "s3://bucket/run/explain")
@@ -523,6 +545,7 @@ def test_the_explain_step_sits_between_mine_and_report_retries_and_takes_the_key
     explanations = tasks["report"]["inputs"]["artifacts"]["explanations"]["taskOutputArtifact"]
     assert explanations == {"outputArtifactKey": "explanations", "producerTask": "explain"}
     assert tasks["explain"]["retryPolicy"]["maxRetryCount"] == module.EXPLAIN_RETRIES
-    secret = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-explain"]["secretAsEnv"][0]
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    secret = executors["exec-explain"]["secretAsEnv"][0]
     assert secret["secretName"] == "explainer-credentials" and secret["optional"] is True
     assert {e["envVar"] for e in secret["keyToEnv"]} == {"OPENAI_API_KEY", "OPENAI_BASE_URL"}

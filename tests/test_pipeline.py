@@ -64,3 +64,29 @@ def test_whole_dag_runs_locally_and_records_every_step(tmp_path, monkeypatch):
     children = stage_runs(parents[0].info.run_id, uri=summary["tracking_uri"])
     assert {"toyworld", "cache", "train", "mine", "report"} <= set(children)
 
+
+
+def test_cluster_env_comes_from_the_named_configmap_and_secrets_on_every_task(tmp_path, monkeypatch):
+    import importlib
+
+    from mmsae.pipelines import sae_interp as module
+
+    monkeypatch.setenv("MMSAE_PIPELINE_ENV_CONFIGMAP", "mmsae-env")
+    monkeypatch.setenv("MMSAE_S3_SECRET", "mmsae-s3")
+    monkeypatch.setenv("MMSAE_EXPLAINER_SECRET", "mmsae-explainer")
+    try:
+        reloaded = importlib.reload(module)
+        out = tmp_path / "p.yaml"
+        compiler.Compiler().compile(reloaded.sae_interp, str(out))
+    finally:
+        monkeypatch.undo()
+        importlib.reload(module)
+    docs = list(yaml.safe_load_all(out.read_text()))
+    executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    tasks = docs[0]["deploymentSpec"]["executors"]
+    assert set(executors) == set(tasks)  # every step, the exit handler's too
+    for name, spec in executors.items():
+        assert [c["configMapName"] for c in spec["configMapAsEnv"]] == ["mmsae-env"], name
+        secrets = {s["secretName"] for s in spec["secretAsEnv"]}
+        expected = {"mmsae-s3", "mmsae-explainer"} if ("explain" in name or "score" in name) else {"mmsae-s3"}
+        assert secrets == expected, name

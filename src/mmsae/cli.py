@@ -28,7 +28,7 @@ USER_ERRORS = frozenset({
     "ConfigError", "OutputMismatchError", "CacheError", "TrainError", "MineError", "SelectionError",
     "ReportError", "ShardFormatError", "TopExamplesError", "StorageError", "StorageURIError", "ManifestError",
     "TrackingError", "ImageSetError", "ToyWorldError", "ModelFormatError", "HookPointError", "ToyLMMError",
-    "SaeConfigError", "CheckpointError", "ExplainError",
+    "SaeConfigError", "CheckpointError", "ExplainError", "ScoreError", "KfpError", "RunsError",
 })
 """Names of mmsae's error classes that a user can cause and fix (a config, an input, an existing output),
 reported as one line rather than a traceback; their subclasses too. Matched by name among the classes of
@@ -77,12 +77,14 @@ EXPLAIN_HINT = "Every setting, with its value and meaning: mmsae config show --e
 app = typer.Typer(help="Find and explain the SAE features of large multimodal models.", no_args_is_help=True,
                   cls=ErrorReportingGroup)
 toyworld_app = typer.Typer(help="The built-in toy world: generated scenes and a tiny captioning LLaVA-NeXT.")
-pipeline_app = typer.Typer(help="The Kubeflow pipeline: compile it for a cluster.")
+pipeline_app = typer.Typer(help="The Kubeflow pipelines: compile, upload, submit a run, schedule recurring runs.")
+runs_app = typer.Typer(help="Pipeline runs tracked in MLflow: compare them.")
 config_app = typer.Typer(help="Inspect and validate run configs.")
 sae_app = typer.Typer(help="SAE checkpoints: convert between layouts.")
 app.add_typer(sae_app, name="sae")
 app.add_typer(toyworld_app, name="toyworld")
 app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(runs_app, name="runs")
 app.add_typer(config_app, name="config")
 
 log = logging.getLogger("mmsae")
@@ -228,7 +230,9 @@ def mine(
 def explain(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    top_examples: Annotated[str | None, typer.Option(help="Top-examples URI (overrides explain.top_examples).")] = None,
+    top_examples: Annotated[
+        str | None, typer.Option(help="Top-examples URI (overrides explain.top_examples).")
+    ] = None,
     out: Annotated[str | None, typer.Option(help="Output URI (overrides explain.out).")] = None,
 ) -> None:
     """Describe each selected feature from the masked renderings of its top images.
@@ -247,6 +251,31 @@ def explain(
         cfg.explain.out = out
     result = stage.run(cfg, top_examples=top_examples)
     typer.echo(storage.json_text({"explanations": result.uri, **result.figures}, indent=2))
+
+
+@app.command(epilog=EXPLAIN_HINT)
+def score(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    explanations: Annotated[str | None, typer.Option(help="Explanations URI (overrides score.explanations).")] = None,
+    top_examples: Annotated[str | None, typer.Option(help="Top-examples URI (overrides score.top_examples).")] = None,
+    out: Annotated[str | None, typer.Option(help="Output URI (overrides score.out).")] = None,
+) -> None:
+    """Score each explanation (IoU, CLIP score, detection, ground truth), each beside its random baseline.
+
+    Reads the `score` config section, the explanations of the explain stage (default RUN.WORKDIR/explain), the
+    top examples they were made from (default RUN.WORKDIR/mine), the image set and model the shards name, and
+    the configured checkpoints (score.clip_model, score.grounding_model, score.sam_model); detection asks the
+    explain stage's explainer through its response cache. Writes scores.jsonl and a manifest to score.out
+    (default RUN.WORKDIR/score).
+    """
+    from mmsae.stages import score as stage
+
+    cfg = _config(config, set_)
+    if out:
+        cfg.score.out = out
+    result = stage.run(cfg, explanations=explanations, top_examples=top_examples)
+    typer.echo(storage.json_text({"scores": result.uri, **result.figures}, indent=2))
 
 
 @app.command(epilog=EXPLAIN_HINT)
@@ -314,22 +343,151 @@ def demo(
         typer.echo(f"dashboard: {index}")
 
 
+EndpointOpt = Annotated[
+    str | None,
+    typer.Option(help="KFP API URL (default $KF_PIPELINES_ENDPOINT); the token comes from $KF_PIPELINES_TOKEN, "
+                      "else a projected service-account token ($KF_PIPELINES_SA_TOKEN_PATH)."),
+]
+NamespaceOpt = Annotated[
+    str | None,
+    typer.Option(help="KFP namespace: your profile namespace on multi-user Kubeflow (default "
+                      "$KF_PIPELINES_NAMESPACE; none: shared pipelines)."),
+]
+ExperimentOpt = Annotated[str, typer.Option(help="KFP experiment of the runs (made if missing).")]
+
+
 @pipeline_app.command("compile")
 def pipeline_compile(
     out: Annotated[Path, typer.Option(help="Folder for the compiled pipeline IR YAML files.")] = Path("pipelines/compiled"),
+    pipeline: Annotated[list[str] | None, typer.Option(help="A pipeline to compile (repeatable); default all.")] = None,
 ) -> None:
-    """Compile the pipelines to KFP IR YAML (upload them in the KFP UI or with `kfp pipeline create`).
+    """Compile the pipelines to KFP IR YAML (upload them in the KFP UI, or with `mmsae pipeline upload`).
 
-    Reads the pipeline definitions (pipelines/). Writes OUT/sae_interp.yaml.
+    Reads the pipeline definitions (pipelines/) and the compile-time settings they name ($MMSAE_BASE_IMAGE,
+    $MMSAE_TRAIN_IMAGE, ...). Writes OUT/<pipeline>.yaml for each pipeline (sae_interp, ...).
     """
-    from kfp import compiler
+    from mmsae import kfp_client
 
-    from mmsae.pipelines.sae_interp import sae_interp
+    for name in pipeline or kfp_client.pipeline_names():
+        typer.echo(str(kfp_client.compile_pipeline(name, out)))
 
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "sae_interp.yaml"
-    compiler.Compiler().compile(sae_interp, str(path))
-    typer.echo(str(path))
+
+@pipeline_app.command("upload")
+def pipeline_upload(
+    pipeline: Annotated[list[str] | None, typer.Option(help="A pipeline to upload (repeatable); default all.")] = None,
+    endpoint: EndpointOpt = None,
+    namespace: NamespaceOpt = None,
+) -> None:
+    """Compile the pipelines and upload each to KFP as a new version of its pipeline (made if missing).
+
+    Reads the pipeline definitions and the KFP endpoint and credentials. Writes to KFP one pipeline version
+    per pipeline, named <mmsae version>-<content hash>: an unchanged pipeline's version is already there and
+    is left as it is. Prints each pipeline's and version's id.
+    """
+    from mmsae import kfp_client
+
+    conn = kfp_client.connection(endpoint, namespace=namespace)
+    uploaded = kfp_client.upload_all(kfp_client.connect(conn), conn, pipeline or kfp_client.pipeline_names())
+    typer.echo(storage.json_text(uploaded, indent=2))
+
+
+@pipeline_app.command("submit", epilog=EXPLAIN_HINT)
+def pipeline_submit(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    pipeline: Annotated[str, typer.Option(help="The pipeline to run.")] = "sae_interp",
+    run_name: Annotated[str | None, typer.Option(help="Name of the KFP run (and MLflow parent run); "
+                                                      "default <run.name>-<date>-<time>.")] = None,
+    experiment: ExperimentOpt = "mmsae",
+    endpoint: EndpointOpt = None,
+    namespace: NamespaceOpt = None,
+) -> None:
+    """Start a run of a pipeline on Kubeflow with a run config.
+
+    Reads the run config (checked here before anything is sent) and the KFP endpoint and credentials. Writes
+    to KFP the pipeline's version (unless it is there already) and a run whose `config_yaml` parameter is the
+    resolved run config as YAML. Prints the run's id and URL.
+    """
+    import time
+
+    from mmsae import kfp_client
+
+    cfg = _config(config, set_)
+    name = run_name or f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with kfp_client.compiled(pipeline) as package:
+        conn = kfp_client.connection(endpoint, namespace=namespace)
+        result = kfp_client.submit(kfp_client.connect(conn), conn, package, dump_config(cfg),
+                                   experiment=experiment, run_name=name)
+    typer.echo(storage.json_text(result, indent=2))
+
+
+@pipeline_app.command("schedule", epilog=EXPLAIN_HINT)
+def pipeline_schedule(
+    cron: Annotated[str, typer.Option(help="When to run, in KFP's cron format: 6 fields, seconds first "
+                                           "('0 0 3 * * *': 03:00 daily), or @daily, @every 12h.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    pipeline: Annotated[str, typer.Option(help="The pipeline to run.")] = "retrain_layer",
+    max_concurrency: Annotated[int, typer.Option(help="Most runs of the schedule at once (1 to 10).")] = 1,
+    catch_up: Annotated[bool, typer.Option(help="Also start the runs of times missed while paused.")] = False,
+    name: Annotated[str | None, typer.Option(help="Name of the recurring run; default <run.name>-<pipeline>.")] = None,
+    experiment: ExperimentOpt = "mmsae",
+    endpoint: EndpointOpt = None,
+    namespace: NamespaceOpt = None,
+) -> None:
+    """Create a recurring run of a pipeline on Kubeflow: the same run config at every time of a cron schedule.
+
+    Reads the run config (checked here first) and the KFP endpoint and credentials. Writes to KFP the
+    pipeline's version (unless it is there already) and an enabled recurring run whose runs get the resolved
+    run config as their `config_yaml` parameter. With retrain_layer, each run trains the next configured layer
+    that has no finished SAE yet. Prints the recurring run's id and URL.
+    """
+    from mmsae import kfp_client
+
+    cfg = _config(config, set_)
+    kfp_client.check_cron(cron)
+    with kfp_client.compiled(pipeline) as package:
+        conn = kfp_client.connection(endpoint, namespace=namespace)
+        result = kfp_client.schedule(kfp_client.connect(conn), conn, package, dump_config(cfg),
+                                     experiment=experiment, name=name or f"{cfg.run.name}-{pipeline}", cron=cron,
+                                     max_concurrency=max_concurrency, catch_up=catch_up)
+    typer.echo(storage.json_text(result, indent=2))
+
+
+@runs_app.command("compare")
+def runs_compare(
+    experiment: Annotated[list[str] | None, typer.Option(
+        "--experiment", "-e", help="MLflow experiment (repeatable); default mmsae, or every one with --kfp-run.")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="Only pipeline runs with this tag: KEY=VALUE (repeatable).")] = None,
+    kfp_run: Annotated[list[str] | None, typer.Option(help="Only the pipeline run of this KFP run id (repeatable).")] = None,
+    column: Annotated[list[str] | None, typer.Option(
+        help="Another figure: LABEL=STAGE:METRIC, e.g. mean_l0=mine:mean_l0 (repeatable).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default $MLFLOW_TRACKING_URI).")] = None,
+    plot: Annotated[Path, typer.Option(help="Where to write the plot (PNG).")] = Path("runs-compare.png"),
+    csv: Annotated[Path | None, typer.Option(help="Also write the table as CSV here.")] = None,
+) -> None:
+    """Compare pipeline runs: FVU, dead share, detection accuracy, explanation scores and steering success
+    beside layer, width, k, model and image set.
+
+    Reads from MLflow the pipeline runs of the experiments, narrowed by --tag and --kfp-run, and their stage
+    runs. Prints a table (one row per SAE; blank: not logged); writes the plot of each figure against layer,
+    width and k to PLOT and, with --csv, the table to CSV.
+    """
+    from mmsae import runs
+
+    tags = {}
+    for item in tag or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise runs.RunsError(f"--tag {item!r}: expected KEY=VALUE")
+        tags[key] = value
+    comparison = runs.compare(tracking_uri, experiment or [], tags, kfp_run or [],
+                              [runs.parse_column(text) for text in column or []])
+    typer.echo(runs.format_table(comparison))
+    typer.echo(f"plot: {runs.plot(comparison, plot)}")
+    if csv:
+        runs.write_csv(comparison, csv)
+        typer.echo(f"table: {csv}")
 
 
 def entry() -> None:

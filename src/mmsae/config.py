@@ -323,20 +323,22 @@ class MineConfig(SeededSection):
 
 class ExplainConfig(Section):
     top_examples: str = ""
-    """Top-examples artifact URI (the mine stage's output); empty: the pipeline's input (or `<run.workdir>/mine`)."""
+    """Top-examples artifact URI (the mine stage's output); empty: the pipeline's input (or
+    `<run.workdir>/mine`)."""
     out: str = ""
     """Where the explanations go; empty: `<run.workdir>/explain`."""
     cache: str = ""
-    """Folder of the response cache (one small JSON file per question asked), so that a rerun, a retried step or
-    another layer of the run never asks the same question twice; empty: `<run.workdir>/explain-cache`."""
+    """Folder of the response cache (one small JSON file per question asked), so that a rerun, a retried
+    step or another layer of the run never asks the same question twice; empty:
+    `<run.workdir>/explain-cache`."""
     backend: Literal["auto", "openai", "local"] = "auto"
-    """Who explains: `openai`, an OpenAI-compatible chat-completions server serving a vision LMM (vLLM, SGLang,
-    KServe, a hosted API); `local`, a LLaVA-family checkpoint in this process, which captions each masked image
-    and keeps the concept words most captions share; `auto`: openai when explain.endpoint or $OPENAI_BASE_URL
-    is set, else local."""
+    """Who explains: `openai`, an OpenAI-compatible chat-completions server serving a vision LMM (vLLM,
+    SGLang, KServe, a hosted API); `local`, a LLaVA-family checkpoint in this process, which captions each
+    masked image and keeps the concept words most captions share; `auto`: openai when explain.endpoint or
+    $OPENAI_BASE_URL is set, else local."""
     endpoint: str = ""
-    """openai: the API's base URL, e.g. `http://vllm:8000/v1`; empty: $OPENAI_BASE_URL. The API key is read from
-    $OPENAI_API_KEY only, never from the config."""
+    """openai: the API's base URL, e.g. `http://vllm:8000/v1`; empty: $OPENAI_BASE_URL. The API key is read
+    from $OPENAI_API_KEY only, never from the config."""
     model: str = ""
     """openai: the name of the model the server serves (required); local: the checkpoint's URI (default: the
     model the shards were cached from)."""
@@ -365,8 +367,8 @@ class ExplainConfig(Section):
     server error (5xx), with exponential backoff. After the last the stage fails with one error naming the
     endpoint; the answers so far stay in the cache."""
     vocabulary: list[str] = []
-    """local: the concept words (or phrases) looked for in the captions, as whole words; empty: the toy world's
-    colours and textures."""
+    """local: the concept words (or phrases) looked for in the captions, as whole words; empty: the toy
+    world's colours and textures."""
     agreement: float = Field(0.5, ge=0, lt=1)
     """local: a concept word explains a feature when more than this share of its images' captions name it."""
     batch_size: int = Field(16, ge=1)
@@ -424,6 +426,97 @@ class ScoreConfig(SeededSection):
     """Seed of the random baseline's pairing and of the order detection shows images in; default run.seed."""
 
 
+class SteerConfig(SeededSection):
+    top_examples: str = ""
+    """Top-examples artifact URI (the mine stage's output): the SAE, its hook point, the LMM and image set the
+    shards were cached from, each feature's max activation and, on the toy world, the planted concepts; empty:
+    the pipeline's input (or `<run.workdir>/mine`)."""
+    explanations: str = ""
+    """Explanations artifact URI (the explain stage's output): the features explained with status ok are steered
+    and their explanations' words are the concept looked for; empty: the pipeline's input (or
+    `<run.workdir>/explain` when it exists)."""
+    attributions: str = ""
+    """Attributions artifact URI (the attribute stage's output): when set, the features it attributed most
+    (steer.attribution_top per example) are steered instead of the explained ones."""
+    out: str = ""
+    """Where the steering results go; empty: `<run.workdir>/steer`."""
+    features: list[int] = []
+    """Features to steer; empty: from steer.attributions when set, else the explained ones."""
+    max_features: int = Field(64, ge=1)
+    """Most features steered (the first ones of the list)."""
+    attribution_top: int = Field(1, ge=1)
+    """Top attributed features taken per example from steer.attributions."""
+    strengths: list[float] = [1.0, 2.0, 4.0, 8.0]
+    """Clamp values (a dose-response curve over them), in steer.strength_unit."""
+    strength_unit: Literal["max_activation", "absolute"] = "max_activation"
+    """`max_activation`: a strength is a multiple of the feature's max activation (the mine stage's); `absolute`:
+    the value in the SAE's activation units."""
+    positions: list[Literal["image", "prompt", "generated"]] = ["image", "prompt", "generated"]
+    """Where the feature is clamped: image tokens, the prompt's text tokens, generated tokens (KV-cached, each as
+    it is fed back). At the last decoder layer image tokens cannot reach the output (a warning says so)."""
+    prompts: list[str] = []
+    """Prompt texts (with `<image>` where the image goes), each paired with every image; empty: the prompt the
+    shards were cached with (the model's own captioning prompt)."""
+    images: int = Field(8, ge=1)
+    """Held-out images steered on: the image set's `heldout` split when it has one, else images of the cached
+    split that the train stage held out (train.heldout_fraction, train.seed)."""
+    max_new_tokens: int = Field(16, ge=1)
+    """Tokens generated per output (greedy)."""
+    random_baseline: bool = True
+    """Also steer one random feature per steered feature (seeded, among features that fire) at the same
+    strengths, judged against the steered feature's concept: the baseline of every figure."""
+    batch_size: int = Field(64, ge=1)
+    """Generations per batch (features, strengths and prompts mixed; prompts left-padded)."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Dtype the LMM runs in (the SAE runs in float32)."""
+    device: str = "auto"
+    """`auto` (cuda when present), `cpu` or `cuda:N`."""
+    seed: int | None = None
+    """Seed of the random-feature baseline; default run.seed."""
+
+
+class AttributionExample(Section):
+    image_idx: int = Field(ge=0)
+    """Image of the image set's split (steer's held-out split rule) the prompt shows."""
+    prompt: str
+    """Prompt text with `<image>` where the image goes; the answer is the token predicted after it."""
+    answer: str
+    """The answer token (a single token of the tokenizer)."""
+    baseline: str
+    """The token the answer is compared with: the metric is logit(answer) - logit(baseline)."""
+
+
+class AttributeConfig(SeededSection):
+    top_examples: str = ""
+    """Top-examples artifact URI (the mine stage's output): the SAE, its hook point, the LMM and the image set;
+    empty: the pipeline's input (or `<run.workdir>/mine`)."""
+    out: str = ""
+    """Where the attributions go; empty: `<run.workdir>/attribute`."""
+    examples: list[AttributionExample] = []
+    """Prompts with an image and an answer/baseline token pair; empty: held-out images captioned by the LMM
+    itself, each cut before the first word of attribute.answer_words its caption names (the answer), against
+    the word of that list the LMM ranks highest after it (the baseline)."""
+    images: int = Field(16, ge=1)
+    """Automatic examples: held-out images captioned (steer's held-out rule)."""
+    answer_words: list[str] = []
+    """Automatic examples: the words an answer is one of (whole words, single tokens); empty: the toy world's
+    colours."""
+    max_new_tokens: int = Field(16, ge=1)
+    """Automatic examples: tokens of each caption generated."""
+    top_features: int = Field(10, ge=1)
+    """Features listed per example, by attribution (highest first)."""
+    heatmaps: int = Field(3, ge=0)
+    """Per example, image-token attribution maps drawn on the image for this many top features."""
+    batch_size: int = Field(8, ge=1)
+    """Examples per forward and backward pass."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype the LMM runs in (the SAE runs in float32)."""
+    device: str = "auto"
+    """`auto` (cuda when present), `cpu` or `cuda:N`."""
+    seed: int | None = None
+    """Seed of the random baseline of the toy-world figures; default run.seed."""
+
+
 class ReportConfig(Section):
     top_examples: str = ""
     """Top-examples artifact URI (the mine stage's output); default RUN.WORKDIR/mine."""
@@ -474,6 +567,11 @@ class RunConfig(Section):
     score: ScoreConfig = ScoreConfig()
     """The score stage (`mmsae score`): IoU, CLIP score, detection and ground truth of the explanations, each
     beside its random baseline."""
+    steer: SteerConfig = SteerConfig()
+    """The steer stage (`mmsae steer`): clamp features during generation and measure what changes."""
+    attribute: AttributeConfig = AttributeConfig()
+    """The attribute stage (`mmsae attribute`): the SAE features behind an answer, from one forward and one
+    backward pass."""
     report: ReportConfig = ReportConfig()
     """The report stage (`mmsae report`): the HTML dashboard."""
 

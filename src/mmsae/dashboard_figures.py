@@ -52,7 +52,8 @@ FIGURES: dict[str, Figure] = {
     "cache/bytes_written": Figure("written", "bytes", "size of the shards and their tables"),
     "train/steps": Figure("steps", "count", "optimizer steps taken"),
     "train/tokens": Figure("tokens trained on", "count", "activation rows the SAE saw"),
-    "train/dead_pct": Figure("dead latents", "%", "latents that did not fire within train.dead_tokens tokens"),
+    "train/dead_pct": Figure("dead latents (AuxK counter)", "%", "latents that did not fire within the last "
+                             "train.dead_tokens training tokens; lags the final weights (see mine's share)"),
     "heldout_never_fired_pct": Figure("never fired on held-out tokens", "%",
                                       "latents that fired on no held-out token"),
     "heldout_fvu_{kind}": Figure("held-out FVU, {kind} tokens", "",
@@ -93,7 +94,37 @@ FIGURES: dict[str, Figure] = {
                                  group=_GT),
     "gt_f1_features_distinct": Figure("distinct detector features", "count",
                                       "features that detect at least one concept best", group=_GT),
-    "gt_f1_iou": Figure("detector IoU with the concept mask", "", "IoU of the best detector's heat maps", group=_GT),
+    "gt_f1_iou": Figure("detector IoU with the concept mask", "", "IoU of the best detector's heat maps over its "
+                        "top and quantile-sampled images holding the concept", group=_GT),
+    "gt_f1_on_patches": Figure("detector activation on patches", "", "share of the best detectors' activation on "
+                               "their concept's images that lies on patch tokens (the rest: image-newline tokens, "
+                               "which no heat map shows)", group=_GT),
+    "gt_f1_on_patches_{kind}": Figure("detector activation on patches, {kind}", "", "the same, over {kind} concepts",
+                                      group=_GT),
+    "explain/features": Figure("features explained", "count", "selected features the explain stage answered for"),
+    "explain/ok": Figure("explanations", "count", "features the explainer described"),
+    "explain/unable": Figure("unable to tell", "count", "features whose images the explainer found no common pattern in"),
+    "explain/failed": Figure("failed", "count", "replies that could not be parsed or requests that were refused"),
+    "explain/no_examples": Figure("no examples", "count", "selected features with no activating image (not asked)"),
+    "explain/cached": Figure("answers from the cache", "count", "answers already in the response cache"),
+    "explain/requests": Figure("requests", "count", "questions sent to the explainer in this run"),
+    "explain/features_per_s": Figure("throughput", "features/s", "features explained per second"),
+    "explain/mean_latency_s": Figure("mean latency", "s", "seconds from request to reply"),
+    "score/iou": Figure("IoU with the named region", "", "overlap of the feature's activation mask with a "
+                        "segmentation of what its explanation names, on its top images", baseline="iou_random"),
+    "score/clip": Figure("CLIP score", "", "100 x cosine of the explanation with the top images (CLIP)",
+                         baseline="clip_random"),
+    "score/detection": Figure("detection balanced accuracy", "", "the explainer, given the explanation, tells the "
+                              "feature's activating images from non-activating ones (chance 0.5)",
+                              baseline="detection_random"),
+    "score/ground_truth": Figure("explanation names the planted concept", "", "share of planted-concept features "
+                                 "whose explanation names their concept", baseline="ground_truth_random"),
+    "score/ground_truth_shared": Figure("names the concept its top images share", "", "the same, over features "
+                                        "whose top images all hold one planted concept",
+                                        baseline="ground_truth_shared_random"),
+    "score/{kind}_features": Figure("features scored ({kind})", "count", "explanations this scorer scored"),
+    "score/{kind}_skipped": Figure("features not scored ({kind})", "count", "explanations this scorer could not "
+                                   "score (no image, no mask, a failed answer)"),
     "gt_topk_precision_{kind}": Figure("top-K precision, {kind}", "", "the same, over {kind} concepts", group=_GT),
     "gt_iou_{kind}": Figure("IoU, {kind}", "", "the same, over {kind} concepts", group=_GT),
     "gt_f1_{kind}": Figure("detection F1, {kind}", "", "the same, over {kind} concepts", group=_GT),
@@ -106,7 +137,8 @@ GROUND_TRUTH_COLUMNS = {
     "concept": "concept", "kind": "kind", "feature": "best feature", "hits": "top-K hits", "top_k": "K",
     "precision": "top-K precision", "iou": "IoU", "iou_images": "IoU images", "base_rate": "base rate",
     "tied": "tied features", "f1_feature": "detector feature", "f1": "F1", "f1_precision": "F1 precision",
-    "f1_recall": "F1 recall", "f1_iou": "detector IoU",
+    "f1_recall": "F1 recall", "f1_iou": "detector IoU", "f1_iou_images": "detector IoU images",
+    "f1_on_patches": "detector activation on patches",
 }
 """Column labels of the per-concept ground-truth table (unknown columns keep their names)."""
 

@@ -1,4 +1,5 @@
-"""Explainers: what turns a feature's masked top images into a short description, and judges images against one.
+"""Explainers: what turns a feature's masked top images into a short description, and judges images
+against one.
 
 - `base`: the interface (:class:`Explainer`: ``explain(images)``, ``detect(explanation, images)``), what it
   returns (:class:`Explanation`, :class:`Detection`) and its errors.
@@ -89,10 +90,13 @@ class ExplainerPlan:
     @property
     def prompt_hash(self) -> str:
         """The explanation prompt's hash, as the opened explainer reports it."""
-        return self.explain_template.digest if self.explain_template is not None else self.settings.prompt_hash
+        if self.explain_template is not None:
+            return self.explain_template.digest
+        return self.settings.prompt_hash
 
     def open(self) -> Explainer:
-        """The backend itself (the local one loads its checkpoint here). Call from the event loop it serves."""
+        """The backend itself (the local one loads its checkpoint here); call it from the event loop it
+        serves."""
         if self.backend == "openai":
             from mmsae.explainers.openai_client import OpenAIExplainer
 
@@ -108,8 +112,8 @@ class ExplainerPlan:
             return {"backend": "openai", "model": s.model, "prompt_template": self.explain_template.digest,
                     "image_long_side": s.image_long_side, "max_new_tokens": s.max_tokens,
                     "temperature": s.temperature}
-        return {"backend": "local", "prompt": s.prompt, "vocabulary": list(s.vocabulary), "agreement": s.agreement,
-                "max_new_tokens": s.max_new_tokens, "dtype": s.dtype}
+        return {"backend": "local", "prompt": s.prompt, "vocabulary": list(s.vocabulary),
+                "agreement": s.agreement, "max_new_tokens": s.max_new_tokens, "dtype": s.dtype}
 
     def inputs(self) -> dict[str, str]:
         """Inputs the answers depend on besides the images (the local checkpoint), for an output key."""
@@ -138,9 +142,9 @@ def _plan_openai(cfg: ExplainConfig, endpoint: str) -> ExplainerPlan:
         endpoint=endpoint, model=cfg.model, image_long_side=cfg.image_long_side,
         max_tokens=cfg.max_new_tokens or DEFAULT_MAX_TOKENS, temperature=cfg.temperature,
         concurrency=cfg.concurrency, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries)
-    return ExplainerPlan("openai", settings,
-                         load_template(cfg.prompt_template, DEFAULT_EXPLAIN_TEMPLATE, "explain.prompt_template"),
-                         load_template(cfg.detect_template, DEFAULT_DETECT_TEMPLATE, "explain.detect_template"))
+    explain_template = load_template(cfg.prompt_template, DEFAULT_EXPLAIN_TEMPLATE, "explain.prompt_template")
+    detect_template = load_template(cfg.detect_template, DEFAULT_DETECT_TEMPLATE, "explain.detect_template")
+    return ExplainerPlan("openai", settings, explain_template, detect_template)
 
 
 def _plan_local(cfg: ExplainConfig, default_model: Callable[[], str]) -> ExplainerPlan:
@@ -154,9 +158,10 @@ def _plan_local(cfg: ExplainConfig, default_model: Callable[[], str]) -> Explain
     try:
         fingerprint = storage.fingerprint(model)
     except FileNotFoundError as e:
-        raise ExplainError(f"the local explainer's checkpoint {model} does not exist ({e}); set explain.model") from e
+        raise ExplainError(f"the local explainer's checkpoint {model} does not exist ({e}); "
+                           "set explain.model") from e
     settings = LocalSettings(
         model=model, prompt=model_prompt(model), vocabulary=tuple(cfg.vocabulary or default_vocabulary()),
-        agreement=cfg.agreement, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, dtype=cfg.dtype,
-        device=str(choose_device(cfg.device)), model_fingerprint=fingerprint)
+        agreement=cfg.agreement, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+        dtype=cfg.dtype, device=str(choose_device(cfg.device)), model_fingerprint=fingerprint)
     return ExplainerPlan("local", settings)

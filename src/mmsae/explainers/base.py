@@ -72,7 +72,7 @@ class _Answer:
 
     status: str
     raw_reply: str | None = None
-    """The explainer's reply as it came (for the local backend: its captions, one per line); None without one."""
+    """The reply as it came (the local backend's: its captions, one per line); None without one."""
     latency_s: float | None = None
     """Seconds from sending to the reply, retries included (the original call's, for a cached answer)."""
     prompt_tokens: int | None = None

@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 __all__ = ["CachedExplainer", "question_key"]
 
 
-def question_key(operation: str, identity: dict[str, Any], images: Sequence[bytes], explanation: str | None = None
-                 ) -> str:
+def question_key(operation: str, identity: dict[str, Any], images: Sequence[bytes],
+                 explanation: str | None = None) -> str:
     """The cache key of one question (hex sha256)."""
     question = {"operation": operation, "identity": identity, "images": [image_digest(png) for png in images],
                 "explanation": explanation}

@@ -40,13 +40,19 @@ def default_vocabulary() -> list[str]:
 def concept_words(text: str, vocabulary: Sequence[str]) -> list[str]:
     """The words (or phrases) of ``vocabulary`` that ``text`` names as whole words, in vocabulary order."""
     lowered = " ".join(re.findall(r"\w+", text.lower()))
-    return [w for w in vocabulary if re.search(rf"(?<!\w){re.escape(' '.join(w.lower().split()))}(?!\w)", lowered)]
+    return [w for w in vocabulary if re.search(rf"(?<!\w){re.escape(_words(w))}(?!\w)", lowered)]
+
+
+def _words(text: str) -> str:
+    return " ".join(text.lower().split())
 
 
 def shared_words(captions: Sequence[str], vocabulary: Sequence[str], agreement: float) -> list[str]:
     """The vocabulary words named by more than ``agreement`` of the captions, in vocabulary order."""
     named = [set(concept_words(c, vocabulary)) for c in captions]
-    return [w for w in vocabulary if sum(w in n for n in named) > agreement * len(captions)] if captions else []
+    if not captions:
+        return []
+    return [w for w in vocabulary if sum(w in n for n in named) > agreement * len(captions)]
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,7 @@ class LocalSettings:
     dtype: str = "float32"
     device: str = "cpu"
     model_fingerprint: str = ""
-    """`mmsae.storage.fingerprint` of the checkpoint: cached answers of a rewritten checkpoint are not reused."""
+    """`mmsae.storage.fingerprint` of the checkpoint: a rewritten checkpoint's answers are asked anew."""
 
     @property
     def prompt_hash(self) -> str:
@@ -117,8 +123,8 @@ class LocalExplainer(Explainer):
                              f"concept words {list(self.settings.vocabulary)}")
         captions = await self._caption(images)
         matches = [set(words) <= set(concept_words(c, words)) for c in captions.texts]
-        return Detection(OK, "\n".join(captions.texts), time.perf_counter() - start, sum(captions.prompt_tokens),
-                         sum(captions.completion_tokens), matches=matches)
+        return Detection(OK, "\n".join(captions.texts), time.perf_counter() - start,
+                         sum(captions.prompt_tokens), sum(captions.completion_tokens), matches=matches)
 
     async def aclose(self) -> None:
         if self._worker is not None:
@@ -147,7 +153,8 @@ class LocalExplainer(Explainer):
                 jobs.append(self._queue.get_nowait())
                 count += len(jobs[-1][0])
             try:
-                out = await asyncio.to_thread(self._caption_all, [png for images, _ in jobs for png in images])
+                pngs = [png for images, _ in jobs for png in images]
+                out = await asyncio.to_thread(self._caption_all, pngs)
             except Exception as e:  # every waiting call gets the error
                 for _, done in jobs:
                     if not done.done():

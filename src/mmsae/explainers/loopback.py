@@ -59,7 +59,8 @@ class Reply:
     raw: bytes | None = None
 
 
-def fixed_reply(text: str = "[EXPLANATION]: red objects", latency_s: float = 0.0) -> Callable[[Question], Reply]:
+def fixed_reply(text: str = "[EXPLANATION]: red objects", latency_s: float = 0.0
+                ) -> Callable[[Question], Reply]:
     """A handler answering every question with ``text`` after ``latency_s`` seconds."""
     return lambda question: Reply(text, delay_s=latency_s)
 
@@ -135,7 +136,8 @@ class LoopbackServer:
     async def _list_models(self, request):
         from aiohttp import web
 
-        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
+        data = [{"id": m, "object": "model"} for m in self.models]
+        return web.json_response({"object": "list", "data": data})
 
     async def _chat(self, request):
         from aiohttp import web
@@ -179,7 +181,8 @@ def _completion(question: Question, content: str) -> dict[str, Any]:
     prompt_tokens = len(question.text.split()) + 100 * len(question.images)
     completion_tokens = len(content.split())
     return {"id": "chatcmpl-loopback", "object": "chat.completion", "created": 0, "model": question.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": "stop"}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
 
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each reply")
     parser.add_argument("--model", default="toy-explainer", help="the model served")
     args = parser.parse_args(argv)
-    with LoopbackServer(fixed_reply(latency_s=args.latency), models=(args.model,), keep_images=False) as server:
+    server = LoopbackServer(fixed_reply(latency_s=args.latency), models=(args.model,), keep_images=False)
+    with server:
         sys.stdout.write(server.base_url + "\n")
         sys.stdout.flush()
         sys.stdin.read()

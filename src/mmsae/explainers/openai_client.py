@@ -7,9 +7,9 @@ The SDK retries time-outs, 429s (honouring Retry-After) and 5xx with exponential
 times; ``timeout_s`` bounds each attempt. At most ``concurrency`` requests are in flight.
 
 The first request is sent alone and the others wait for its reply, so a wrong endpoint, model or API key,
-or a model that cannot take images, is one error after one call (:class:`~mmsae.explainers.base.EndpointError`),
-never one failure per feature. The API key comes from ``$OPENAI_API_KEY`` only and goes nowhere but the
-request's Authorization header.
+or a model that cannot take images, is one error after one call
+(:class:`~mmsae.explainers.base.EndpointError`), never one failure per feature. The API key comes from
+``$OPENAI_API_KEY`` only and goes nowhere but the request's Authorization header.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ class _Reply:
 
 
 class OpenAIExplainer(Explainer):
-    """Explains and detects through an OpenAI-compatible chat-completions endpoint (see the module docstring)."""
+    """Explains and detects through an OpenAI-compatible chat-completions endpoint (see the module
+    docstring)."""
 
     backend: ClassVar[str] = "openai"
 
@@ -80,7 +81,9 @@ class OpenAIExplainer(Explainer):
         self.detect_template = detect_template
         self.prompt_hash = explain_template.digest
         self.detect_prompt_hash = detect_template.digest
-        self._client = openai.AsyncOpenAI(base_url=settings.endpoint, api_key=os.environ.get(API_KEY_ENV) or NO_KEY,
+        _quiet_sdk_debug()
+        self._client = openai.AsyncOpenAI(base_url=settings.endpoint,
+                                          api_key=os.environ.get(API_KEY_ENV) or NO_KEY,
                                           timeout=settings.timeout_s, max_retries=settings.max_retries)
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._first = asyncio.Lock()
@@ -98,16 +101,17 @@ class OpenAIExplainer(Explainer):
         if reply.error is not None:
             return Explanation(FAILED, reply.text, reply.latency_s, error=reply.error)
         status, text = parse_explanation(reply.text)
-        return Explanation(status, reply.text, reply.latency_s, reply.prompt_tokens, reply.completion_tokens,
-                           explanation=text)
+        return Explanation(status, reply.text, reply.latency_s, reply.prompt_tokens,
+                           reply.completion_tokens, explanation=text)
 
     async def detect(self, explanation: str, images: Sequence[bytes]) -> Detection:
-        reply = await self._ask(self.detect_template, {"n_images": len(images), "explanation": explanation}, images)
+        values = {"n_images": len(images), "explanation": explanation}
+        reply = await self._ask(self.detect_template, values, images)
         if reply.error is not None:
             return Detection(FAILED, reply.text, reply.latency_s, error=reply.error)
         matches = parse_detection(reply.text, len(images))
-        return Detection(OK if matches is not None else FAILED, reply.text, reply.latency_s, reply.prompt_tokens,
-                         reply.completion_tokens, matches=matches)
+        return Detection(OK if matches is not None else FAILED, reply.text, reply.latency_s,
+                         reply.prompt_tokens, reply.completion_tokens, matches=matches)
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -131,9 +135,10 @@ class OpenAIExplainer(Explainer):
     async def _send(self, body: bytes) -> _Reply:
         async with self._slots:
             start = time.perf_counter()
-            try:  # the SDK's plain POST (its retries and time-outs) of a body encoded beforehand, off the loop
-                response = await self._client.post("/chat/completions", cast_to=httpx.Response, content=body,
-                                                   options={"headers": {"Content-Type": "application/json"}})
+            try:  # the SDK's plain POST (its retries and time-outs) of a body encoded off the event loop
+                response = await self._client.post(
+                    "/chat/completions", cast_to=httpx.Response, content=body,
+                    options={"headers": {"Content-Type": "application/json"}})
             except openai.APIError as e:
                 fatal = self._endpoint_error(e)
                 if fatal is not None:
@@ -149,20 +154,25 @@ class OpenAIExplainer(Explainer):
         where = f"the explainer endpoint {s.endpoint}"
         tries = f"after {s.max_retries} retries" if s.max_retries else "(explain.max_retries is 0)"
         if isinstance(e, openai.APITimeoutError):
-            return EndpointError(f"{where} did not answer within explain.timeout_s={s.timeout_s:g} s, {tries}")
+            return EndpointError(f"{where} did not answer within explain.timeout_s={s.timeout_s:g} s, "
+                                 f"{tries}")
         if isinstance(e, openai.APIConnectionError):
             cause = e.__cause__ or e
             return EndpointError(f"cannot reach {where} {tries} ({type(cause).__name__}: {cause}); check "
                                  f"explain.endpoint (or ${BASE_URL_ENV})")
         if isinstance(e, openai.AuthenticationError | openai.PermissionDeniedError):
             have = "is refused" if os.environ.get(API_KEY_ENV) else "is not set"
-            return EndpointError(f"{where} refused the request ({_describe(e)}): the API key in ${API_KEY_ENV} {have}")
+            return EndpointError(f"{where} refused the request ({_describe(e)}): the API key in "
+                                 f"${API_KEY_ENV} {have}")
         if isinstance(e, openai.NotFoundError):
-            return EndpointError(f"{where} has no model {s.model!r} ({_describe(e)}); set explain.model to a model "
-                                 f"it serves (GET {s.endpoint.rstrip('/')}/models lists them), and check that "
-                                 f"explain.endpoint ends with the API's base path (usually /v1)")
-        if isinstance(e, openai.BadRequestError | openai.UnprocessableEntityError) and _ABOUT_IMAGES.search(str(e)):
-            return EndpointError(f"the model {s.model!r} at {s.endpoint} refused the images ({_describe(e)}); "
+            models = f"{s.endpoint.rstrip('/')}/models"
+            return EndpointError(f"{where} has no model {s.model!r} ({_describe(e)}); set explain.model to a "
+                                 f"model it serves (GET {models} lists them), and check that "
+                                 "explain.endpoint ends with the API's base path (usually /v1)")
+        refused = isinstance(e, openai.BadRequestError | openai.UnprocessableEntityError)
+        if refused and _ABOUT_IMAGES.search(str(e)):
+            return EndpointError(f"the model {s.model!r} at {s.endpoint} refused the images "
+                                 f"({_describe(e)}); "
                                  "explaining needs a vision LMM that takes several images per request "
                                  "(explain.max_images, explain.image_long_side)")
         if isinstance(e, openai.RateLimitError | openai.InternalServerError):
@@ -180,18 +190,20 @@ def request_body(settings: ClientSettings, system: str, user: str, images: Seque
     marks = [f"{token}-{i}" for i in range(len(images))]
     content: list[dict[str, Any]] = [{"type": "text", "text": user}]
     content += [{"type": "image_url", "image_url": {"url": mark}} for mark in marks]
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": content})
     rest = json.dumps({"model": settings.model, "messages": messages, "temperature": settings.temperature,
                        "max_completion_tokens": settings.max_tokens}).encode()
     pieces = []
     for mark, png in zip(marks, images, strict=True):
         before, rest = rest.split(mark.encode(), 1)
-        pieces += [before, b"data:image/png;base64,", base64.b64encode(resized_png(png, settings.image_long_side))]
+        encoded = base64.b64encode(resized_png(png, settings.image_long_side))
+        pieces += [before, b"data:image/png;base64,", encoded]
     return b"".join([*pieces, rest])
 
 
 def resized_png(png: bytes, long_side: int | None) -> bytes:
-    """``png`` with its long side scaled to ``long_side`` pixels (unchanged when None or already that size)."""
+    """``png`` with its long side scaled to ``long_side`` pixels (as it is when None or already so)."""
     if long_side is None:
         return png
     with Image.open(io.BytesIO(png)) as img:
@@ -206,6 +218,14 @@ def resized_png(png: bytes, long_side: int | None) -> bytes:
     return out.getvalue()
 
 
+def _quiet_sdk_debug() -> None:
+    """Keep the SDK's logger at INFO unless its level was set (``$OPENAI_LOG``): at DEBUG it logs every
+    request body, megabytes of base64 images each."""
+    sdk = logging.getLogger("openai")
+    if sdk.level == logging.NOTSET:
+        sdk.setLevel(logging.INFO)
+
+
 def _describe(e: openai.APIError) -> str:
     """The status and the server's own message (``{"error": {"message": ...}}``), else the SDK's."""
     status = getattr(e, "status_code", None)
@@ -216,12 +236,13 @@ def _describe(e: openai.APIError) -> str:
 
 
 def _message(body: str, latency: float) -> _Reply:
-    """The assistant's message in a chat-completion body; a body that holds none is kept whole, with the reason."""
+    """The assistant's message in a chat-completion body; a body without one is kept whole, with why."""
     try:
         reply = json.loads(body)
         text = reply["choices"][0]["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError) as e:  # not JSON, or not a chat completion
-        return _Reply(body, latency, error=f"the reply is not a chat completion with a message ({type(e).__name__})")
+        why = f"the reply is not a chat completion with a message ({type(e).__name__})"
+        return _Reply(body, latency, error=why)
     if not isinstance(text, str):
         return _Reply(body, latency, error="the reply's message has no text content")
     usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}

@@ -75,7 +75,7 @@ class PromptTemplate:
 
 
 def load_template(uri: str, default: Path, setting: str) -> PromptTemplate:
-    """Read and parse the template at ``uri`` (a path or s3:// URI), or the packaged ``default`` when empty."""
+    """Read and parse the template at ``uri`` (a path or s3:// URI), or the packaged ``default`` if empty."""
     source = uri or str(default)
     try:
         text = storage.read_text(uri) if uri else default.read_text(encoding="utf-8")
@@ -103,8 +103,8 @@ def parse_template(text: str, source: str) -> PromptTemplate:
     if "USER" not in parts:
         raise ExplainError(f"prompt template {source} has no [USER] section")
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    return PromptTemplate("\n".join(parts.get("SYSTEM", [])).strip(), "\n".join(parts["USER"]).strip(), source,
-                          digest)
+    system, user = "\n".join(parts.get("SYSTEM", [])).strip(), "\n".join(parts["USER"]).strip()
+    return PromptTemplate(system, user, source, digest)
 
 
 def parse_explanation(reply: str | None) -> tuple[str, str | None]:

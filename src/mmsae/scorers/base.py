@@ -30,7 +30,7 @@ class Subject:
 
     feature: int
     top: tuple[int, ...]
-    """Its first ``score.top_images`` top images, best first."""
+    """Its top images, best first (IoU and CLIP take the first ``score.top_images``)."""
     activating: tuple[int, ...] = ()
     """Held-out activating images: its quantile samples, else its top images."""
     negatives: tuple[int, ...] = ()

@@ -40,7 +40,12 @@ class GroundedSegmenter(Segmenter):
     def __init__(self, grounding_model: str, sam_model: str, image_of: Callable[[int], Image.Image],
                  device: torch.device, box_threshold: float = 0.3, text_threshold: float = 0.25,
                  batch_size: int = 8) -> None:
-        from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor, SamModel, SamProcessor
+        from transformers import (
+            GroundingDinoForObjectDetection,
+            GroundingDinoProcessor,
+            SamModel,
+            SamProcessor,
+        )
 
         self.grounding_uri, self.sam_uri = grounding_model, sam_model
         self.detector, self.detector_processor = load_pretrained(

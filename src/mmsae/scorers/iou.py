@@ -5,7 +5,7 @@ view, resampled bilinearly to the image's own resolution) is cut at ``threshold`
 the mine stage's ground truth cuts it) and compared with a segmentation of what the explanation names, made
 by a :class:`Segmenter`: the planted concepts' masks on the toy world (``mmsae.scorers.planted``), else
 GroundingDINO boxes turned into masks by SAM (``mmsae.scorers.grounded``). The pair's score is the mean IoU
-over those images; an image where the segmentation finds nothing, or the feature shows nowhere, counts 0.
+over the first ``images`` of them; an image where the segmentation finds nothing, or the feature shows nowhere, counts 0.
 """
 
 from __future__ import annotations
@@ -84,17 +84,17 @@ class IouScorer(Scorer):
 
     name = "iou"
 
-    def __init__(self, segmenter: Segmenter, masks: ActivationMasks) -> None:
-        self.segmenter, self.masks = segmenter, masks
+    def __init__(self, segmenter: Segmenter, masks: ActivationMasks, images: int = 5) -> None:
+        self.segmenter, self.masks, self.images = segmenter, masks, images
 
     def describe(self) -> dict[str, Any]:
-        return {**self.segmenter.describe(), "threshold": self.masks.threshold}
+        return {**self.segmenter.describe(), "threshold": self.masks.threshold, "images": self.images}
 
     def score(self, pairs: Sequence[Pair]) -> list[PairResult]:
         return [self._one(pair) for pair in pairs]
 
     def _one(self, pair: Pair) -> PairResult:
-        images = list(pair.subject.top)
+        images = list(pair.subject.top[: self.images])
         if not images:
             return Skipped("no top images")
         targets = self.segmenter.segment(pair.explanation, images)

@@ -101,10 +101,8 @@ class GroundTruthScorer(Scorer):
     name = "ground_truth"
 
     def __init__(self, concepts_of: Callable[[int], Sequence[str]], kinds: Sequence[str],
-                 detects: Mapping[int, Sequence[str]], top_of: Callable[[int], Sequence[int]],
-                 min_images: int) -> None:
-        self.concepts_of, self.kinds, self.detects = concepts_of, list(kinds), detects
-        self.top_of, self.min_images = top_of, min_images
+                 detects: Mapping[int, Sequence[str]], min_images: int) -> None:
+        self.concepts_of, self.kinds, self.detects, self.min_images = concepts_of, list(kinds), detects, min_images
 
     def describe(self) -> dict[str, Any]:
         return {"kinds": self.kinds, "min_images": self.min_images}
@@ -114,7 +112,7 @@ class GroundTruthScorer(Scorer):
 
     def _one(self, pair: Pair) -> PairResult:
         feature = pair.subject.feature
-        shared = shared_concepts(list(self.top_of(feature)), self.concepts_of, self.kinds, self.min_images)
+        shared = shared_concepts(list(pair.subject.top), self.concepts_of, self.kinds, self.min_images)
         detects = list(self.detects.get(feature, ()))
         planted = sorted(set(shared) | set(detects))
         if not planted:

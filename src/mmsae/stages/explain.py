@@ -6,13 +6,14 @@ backend also the checkpoint the shards were cached from. Writes an explanations 
 
     manifest.json              kind "explanations", format 1; extra: backend, explainer_model, prompt_hash,
                                hookpoint, figures, output_key
-    explanations.jsonl         one object per selected feature, by feature id: feature, explanation, status
-                               (ok / unable / failed / no_examples), explainer_model, prompt_hash, raw_reply,
-                               latency_s, prompt_tokens, completion_tokens, cached, images (the image_idx shown),
-                               error (why a request got no reply; else null)
-    explanations_paper.json    the paper's layout: a JSON list of one-key dicts {"<hookpoint>_feature<i>": text}
-                               (unable: "Unable to produce descriptions"; failed: "Explanation could not be
-                               parsed."; features that never fired are left out)
+    explanations.jsonl         one object per selected feature, by feature id: feature, explanation,
+                               status (ok / unable / failed / no_examples), explainer_model, prompt_hash,
+                               raw_reply, latency_s, prompt_tokens, completion_tokens, cached, images (the
+                               image_idx shown), error (why a request got no reply; else null)
+    explanations_paper.json    the paper's layout: a JSON list of one-key dicts
+                               {"<hookpoint>_feature<i>": text} (unable: "Unable to produce descriptions";
+                               failed: "Explanation could not be parsed."; features that never fired are
+                               left out)
 
 The explainer is `mmsae.explainers` (``explain.backend``), wrapped in the response cache
 (``explain.cache``): every answer is written as it arrives, so a rerun, a retried step or a killed run asks
@@ -41,6 +42,7 @@ from tqdm import tqdm
 from mmsae import examples, storage
 from mmsae.config import ExplainConfig, RunConfig
 from mmsae.explainers import (
+    FAILED,
     NO_EXAMPLES,
     OK,
     UNABLE,
@@ -68,7 +70,7 @@ KIND = "explanations"
 FORMAT_VERSION = 1
 RECORDS_FILE = "explanations.jsonl"
 PAPER_FILE = "explanations_paper.json"
-STATUSES = ("ok", "unable", "failed", NO_EXAMPLES)
+STATUSES = (OK, UNABLE, FAILED, NO_EXAMPLES)
 PROGRESS_STEPS = 20
 """Progress figures are logged about this many times over a run."""
 
@@ -105,7 +107,8 @@ def _open_top_examples(uri: str) -> examples.TopExamples:
     try:
         return examples.TopExamples(uri)
     except FileNotFoundError as e:
-        raise ExplainError(f"explain.top_examples {uri} holds no top examples ({e}); run the mine stage first") from e
+        raise ExplainError(f"explain.top_examples {uri} holds no top examples ({e}); run the mine stage "
+                           "first") from e
 
 
 def _shards_model(top: examples.TopExamples) -> str:
@@ -116,8 +119,8 @@ def _shards_model(top: examples.TopExamples) -> str:
     try:
         return ActivationShards(shards).model if shards else ""
     except (FileNotFoundError, storage.ManifestError) as e:
-        raise ExplainError(f"the shards {shards!r} named by the top examples at {top.uri} cannot be read ({e}); "
-                           "set explain.model to the checkpoint that explains") from e
+        raise ExplainError(f"the shards {shards!r} named by the top examples at {top.uri} cannot be read "
+                           f"({e}); set explain.model to the checkpoint that explains") from e
 
 
 @dataclass
@@ -135,8 +138,8 @@ def _features(e: ExplainConfig, top: examples.TopExamples) -> list[_Feature]:
         record = top.feature(feature)
         shown = [i for i in record.top_images if top.heatmap_uri(feature, i, "masked") is not None]
         if record.top and not shown:
-            raise ExplainError(f"the top examples at {e.top_examples} hold no masked heat map of feature {feature}; "
-                               "run the mine stage with mine.heatmaps=mined or selected")
+            raise ExplainError(f"the top examples at {e.top_examples} hold no masked heat map of feature "
+                               f"{feature}; run the mine stage with mine.heatmaps=mined or selected")
         out.append(_Feature(feature, shown[: e.max_images]))
     return out
 
@@ -162,10 +165,11 @@ def _explain(e: ExplainConfig, plan: ExplainerPlan, top: examples.TopExamples, k
              PAPER_FILE: storage.json_text(_paper_layout(records, hookpoint), indent=1).encode()}
     for name, data in files.items():
         storage.write_bytes(storage.join(e.out, name), data)
+    entries = {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+               for name, data in files.items()}
     storage.write_manifest(
-        e.out, KIND, files={n: {"sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d)} for n, d in files.items()},
-        config={"explain": e.model_dump(mode="json")}, inputs={"top_examples": e.top_examples, **plan.inputs()},
-        format_version=FORMAT_VERSION,
+        e.out, KIND, files=entries, config={"explain": e.model_dump(mode="json")},
+        inputs={"top_examples": e.top_examples, **plan.inputs()}, format_version=FORMAT_VERSION,
         extra={"backend": plan.backend, "explainer_model": plan.model, "prompt_hash": plan.prompt_hash,
                "hookpoint": hookpoint, "features": [r["feature"] for r in records], "figures": figures,
                KEY_FIELD: key.to_json()})
@@ -251,8 +255,10 @@ def _record(feature: _Feature, answer: Explanation | None, plan: ExplainerPlan) 
 def _paper_layout(records: list[dict[str, Any]], hookpoint: str) -> list[dict[str, str]]:
     """The paper's explanations file: ``[{"<hookpoint>_feature<i>": text}, ...]``."""
     texts: dict[str, Callable[[dict[str, Any]], str]] = {
-        OK: lambda r: r["explanation"], UNABLE: lambda r: PAPER_UNABLE_TEXT, "failed": lambda r: PAPER_UNPARSED_TEXT}
-    return [{f"{hookpoint}_feature{r['feature']}": texts[r["status"]](r)} for r in records if r["status"] in texts]
+        OK: lambda r: r["explanation"], UNABLE: lambda r: PAPER_UNABLE_TEXT,
+        FAILED: lambda r: PAPER_UNPARSED_TEXT}
+    return [{f"{hookpoint}_feature{r['feature']}": texts[r["status"]](r)}
+            for r in records if r["status"] in texts]
 
 
 def _figures(records: list[dict[str, Any]], asked: int, seconds: float, cache_hits: int) -> dict[str, Any]:
