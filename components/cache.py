@@ -3,10 +3,10 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from mmsae.components import BASE_IMAGE
+from mmsae.components import TRAIN_IMAGE
 
 
-@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def cache(
     config_yaml: str,
     parent_run_id: str,

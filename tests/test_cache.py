@@ -615,3 +615,40 @@ def test_two_ranks_union_equals_one_process(tmp_path, world, many_images):
     for k in A.INDEX_COLUMNS:
         assert torch.equal(a[k], b[k]), k
     torch.testing.assert_close(a["acts"], b["acts"], atol=1e-5, rtol=1e-5)
+
+
+def test_base_view_only_and_token_fraction_keep_a_deterministic_subset(world, tmp_path):
+    """views=base keeps view-0 rows only; token_fraction keeps about that share, the same rows whatever
+    the batching, a subset of the full cache with identical activations; another token_seed picks others."""
+    model = world["models"]["llava_next"]
+    full = _all_rows(str(cache.run(_cfg(tmp_path / "full", world["images"], model, batch_size=3)).uri), "layers.1")
+    base = _all_rows(str(cache.run(_cfg(tmp_path / "base", world["images"], model, views="base")).uri), "layers.1")
+    assert set(base["view"].tolist()) == {0}
+    assert len(base["view"]) == int((full["view"] == 0).sum())
+
+    def key(rows):
+        return [(int(i), int(p)) for i, p in zip(rows["image_idx"], rows["token_pos"], strict=True)]
+
+    full_rows = dict(zip(key(full), full["acts"], strict=True))
+    picked = {}
+    for name, kw in {"a": {"batch_size": 3}, "b": {"batch_size": 8, "shard_rows": 40},
+                     "seed": {"token_seed": 1}}.items():
+        out = cache.run(_cfg(tmp_path / name, world["images"], model, token_fraction=0.25, **kw)).uri
+        picked[name] = _all_rows(str(out), "layers.1")
+    assert key(picked["a"]) == key(picked["b"])
+    assert key(picked["a"]) != key(picked["seed"])
+    share = len(picked["a"]["view"]) / len(full["view"])
+    assert 0.18 < share < 0.32, share
+    assert set(key(picked["a"])) <= set(full_rows)
+    for (image, pos), acts in zip(key(picked["a"]), picked["a"]["acts"], strict=True):
+        torch.testing.assert_close(acts, full_rows[(image, pos)])
+    assert set(picked["a"]["view"].tolist()) >= {0, 1}  # every view is sampled from
+
+
+def test_settings_added_later_leave_the_key_of_shards_made_before_them(tmp_path):
+    """A sealed cache made before views / token_fraction existed stays reusable at their defaults."""
+    cfg = _cfg(tmp_path / "acts", str(tmp_path), str(tmp_path))
+    key = cache.output_key(cfg.cache)
+    assert not set(cache.ADDED_LATER) & set(key.config)
+    cfg.cache = cfg.cache.model_copy(update={"token_fraction": 0.5})
+    assert cache.output_key(cfg.cache).changes(key.to_json()) == ["setting token_fraction: (unset) -> 0.5"]

@@ -23,12 +23,14 @@ STAGE_COMMANDS = {
     ("mine",): ["--shards", "--sae", "--out"],
     ("explain",): ["--top-examples", "--out"],
     ("score",): ["--explanations", "--top-examples", "--out"],
+    ("steer",): ["--top-examples", "--explanations", "--attributions", "--out"],
+    ("attribute",): ["--top-examples", "--out"],
     ("report",): ["--top-examples", "--explanations", "--scores", "--steering", "--out"],
     ("toyworld", "build"): ["--workdir"],
     ("demo",): ["--out"],
 }
 TOP_LEVEL_COMMANDS = {"cache", "train", "mine", "explain", "score", "report", "demo", "sae", "toyworld", "pipeline",
-                      "config", "runs"}
+                      "config", "runs", "steer", "attribute"}
 
 
 def _help(*cmd: str) -> str:

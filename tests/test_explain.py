@@ -519,33 +519,3 @@ def test_component_passes_pointers_and_logs_finite_figures(tmp_path, monkeypatch
 
 # ---------------------------------------------------------------------------------------------------
 # the pipeline step
-
-
-def test_the_explain_step_sits_between_mine_and_report_retries_and_takes_the_key_from_a_secret(tmp_path,
-                                                                                            monkeypatch):
-    import importlib
-
-    import yaml
-    from kfp import compiler
-
-    from mmsae.pipelines import sae_interp as module
-
-    path = tmp_path / "p.yaml"
-    compiler.Compiler().compile(module.sae_interp, str(path))
-    assert len(list(yaml.safe_load_all(path.read_text()))) == 1  # no secret named: no platform section
-    monkeypatch.setenv("MMSAE_EXPLAINER_SECRET", "explainer-credentials")  # read when the DAG is defined
-    try:
-        compiler.Compiler().compile(importlib.reload(module).sae_interp, str(path))
-    finally:
-        monkeypatch.delenv("MMSAE_EXPLAINER_SECRET")
-        importlib.reload(module)
-    spec, platform = yaml.safe_load_all(path.read_text())
-    tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    assert "mine" in tasks["explain"]["dependentTasks"] and "explain" in tasks["report"]["dependentTasks"]
-    explanations = tasks["report"]["inputs"]["artifacts"]["explanations"]["taskOutputArtifact"]
-    assert explanations == {"outputArtifactKey": "explanations", "producerTask": "explain"}
-    assert tasks["explain"]["retryPolicy"]["maxRetryCount"] == module.EXPLAIN_RETRIES
-    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    secret = executors["exec-explain"]["secretAsEnv"][0]
-    assert secret["secretName"] == "explainer-credentials" and secret["optional"] is True
-    assert {e["envVar"] for e in secret["keyToEnv"]} == {"OPENAI_API_KEY", "OPENAI_BASE_URL"}

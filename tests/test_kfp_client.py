@@ -218,10 +218,12 @@ def test_an_unchanged_pipeline_is_not_uploaded_again_and_a_changed_one_gets_a_ne
     fake, url = kfp_api
     first = _invoke("pipeline", "upload", "--endpoint", url)
     again = _invoke("pipeline", "submit", "--endpoint", url, "--config", str(run_config))
-    assert [p["pipeline"] for p in first] == ["mmsae-sae-interp"] and first[0]["created"] is True
-    assert again["created"] is False and again["version_id"] == first[0]["version_id"]
-    assert len(fake.seen("POST", "/pipelines/upload")) == 1
-    assert len(fake.seen("POST", "/pipelines/upload_version")) == 1  # with the new pipeline only
+    uploaded = {p["pipeline"]: p for p in first}
+    assert sorted(uploaded) == ["mmsae-retrain-layer", "mmsae-sae-interp"]
+    assert all(p["created"] is True for p in first)
+    assert again["created"] is False and again["version_id"] == uploaded["mmsae-sae-interp"]["version_id"]
+    assert len(fake.seen("POST", "/pipelines/upload")) == 2
+    assert len(fake.seen("POST", "/pipelines/upload_version")) == 2  # with each new pipeline only
     assert again["run_name"].startswith("layers-")  # default: <run.name>-<date>-<time>
 
     conn = kfp_client.connection(url)
@@ -230,9 +232,10 @@ def test_an_unchanged_pipeline_is_not_uploaded_again_and_a_changed_one_gets_a_ne
         changed.write_text(package.read_text() + "\n# another build\n")
     made = kfp_client.upload(kfp_client.connect(conn), conn, changed)
     request = fake.seen("POST", "/pipelines/upload_version")[-1]
-    assert len(fake.versions) == 2
-    assert made.created and request.query["pipelineid"] == first[0]["pipeline_id"]
-    assert request.query["name"] == made.version == kfp_client.version_name(changed) != first[0]["version"]
+    assert len(fake.versions) == 3  # one per pipeline, and the changed one's second
+    original = uploaded["mmsae-sae-interp"]
+    assert made.created and request.query["pipelineid"] == original["pipeline_id"]
+    assert request.query["name"] == made.version == kfp_client.version_name(changed) != original["version"]
     assert request.upload == changed.read_bytes()
 
 

@@ -23,13 +23,17 @@ QUICK = [
 def test_pipeline_compiles_with_every_step_in_order(tmp_path):
     path = tmp_path / "p.yaml"
     compiler.Compiler().compile(sae_interp, str(path))
-    spec = yaml.safe_load(path.read_text())
+    spec = next(yaml.safe_load_all(path.read_text()))  # then the Kubernetes platform section
     assert spec["pipelineInfo"]["name"] == PIPELINE_NAME
     tasks = spec["root"]["dag"]["tasks"]
-    inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    outer = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    inner = spec["components"]["comp-for-loop-2"]["dag"]["tasks"]  # one layer's steps
     assert "close-tracking" in tasks and tasks["close-tracking"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
-    assert {"open-tracking", "inputs", "cache", "train", "mine", "report"} <= set(inner)
-    assert set(inner["cache"]["dependentTasks"]) == {"open-tracking", "inputs"}
+    assert {"open-tracking", "inputs", "plan-layers", "for-loop-2"} <= set(outer)
+    assert {"cache", "train", "mine", "report"} <= set(inner)
+    assert set(inner["cache"]["dependentTasks"]) == {"layer-config"}
+    assert set(outer["for-loop-2"]["dependentTasks"]) == {"plan-layers", "inputs"}
+    assert set(outer["plan-layers"]["dependentTasks"]) == {"open-tracking"}
     assert "cache" in inner["train"]["dependentTasks"]
     assert {"cache", "train"} <= set(inner["mine"]["dependentTasks"])
     assert "mine" in inner["report"]["dependentTasks"]
@@ -62,7 +66,30 @@ def test_whole_dag_runs_locally_and_records_every_step(tmp_path, monkeypatch):
     parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = stage_runs(parents[0].info.run_id, uri=summary["tracking_uri"])
-    assert {"toyworld", "cache", "train", "mine", "report"} <= set(children)
+    assert {"toyworld", "cache", "train", "mine", "explain", "score", "steer", "report"} <= set(children)
+    job_id = parents[0].data.tags["kfp.job_id"]
+    for stage in ("cache", "train", "mine", "explain", "score", "steer", "report"):
+        tags = client.get_run(children[stage]).data.tags
+        assert tags["mmsae.layer"] == "-2" and tags["kfp.job_id"] == job_id, stage
+    # one layer's outputs under its own folder
+    assert client.get_run(children["train"]).data.params["train.out"] == str(tmp_path / "demo/work/layers/-2/train")
+
+    # a recurring retrain run finds every configured layer current and ends at once
+    from kfp import local
+
+    from mmsae.components.planning import finished_sae_in_mlflow
+    from mmsae.pipelines.retrain_layer import retrain_layer
+
+    text = (tmp_path / "demo" / "config.yaml").read_text()
+    cfg = load_config(tmp_path / "demo" / "config.yaml")
+    assert finished_sae_in_mlflow(cfg, -2) == str(tmp_path / "demo/work/layers/-2/train")
+    assert finished_sae_in_mlflow(cfg, 0) is None
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "retrain"))
+    retrain_layer(config_yaml=text, run_name="retrain")
+    trains = client.search_runs([exp.experiment_id], filter_string="tags.`mmsae.stage` = 'train'")
+    assert len(trains) == 1  # nothing retrained
+    retrains = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mmsae.pipeline") == "retrain"]
+    assert len(retrains) == 1 and retrains[0].info.status == "FINISHED"
 
 
 
@@ -90,3 +117,44 @@ def test_cluster_env_comes_from_the_named_configmap_and_secrets_on_every_task(tm
         secrets = {s["secretName"] for s in spec["secretAsEnv"]}
         expected = {"mmsae-s3", "mmsae-explainer"} if ("explain" in name or "score" in name) else {"mmsae-s3"}
         assert secrets == expected, name
+
+
+def test_a_layer_config_narrows_the_layers_and_gives_each_layer_its_own_outputs():
+    from mmsae.components.planning import config_for_layer, parse_layer
+
+    cfg = load_config(None, ["run.workdir=s3://bucket/run", "cache.layers=[3, 7]", "mine.out=s3://other/mine"])
+    layer = config_for_layer(cfg, parse_layer("7"))
+    assert layer.cache.layers == [7]
+    assert layer.cache.out == "s3://bucket/run/layers/7/cache"
+    assert layer.train.out == "s3://bucket/run/layers/7/train"
+    assert layer.report.out == "s3://bucket/run/layers/7/report"
+    assert layer.mine.out == "s3://other/mine/layer-7"  # a configured output gets the layer appended
+    assert cfg.cache.layers == [3, 7] and cfg.train.out == ""  # the run config is left as it is
+    assert parse_layer("-2") == -2 and parse_layer("model.layers.3") == "model.layers.3"
+
+
+def test_the_next_layer_is_the_first_without_an_sae_then_the_first_stale_one():
+    from mmsae.components.planning import choose_layer
+
+    saes = {3: "s3://run/layers/3/train", 7: "s3://run/layers/7/train"}
+    stale = {"s3://run/layers/7/train": "image_set changed since"}
+    layer, reason = choose_layer([3, 7, 9], saes.get, stale.get)
+    assert layer == 9 and "no finished SAE" in reason
+    layer, reason = choose_layer([3, 7], saes.get, stale.get)
+    assert layer == 7 and "image_set changed since" in reason
+    layer, reason = choose_layer([3], saes.get, stale.get)
+    assert layer is None and "nothing to do" in reason
+
+
+def test_an_sae_is_stale_when_its_shards_came_from_another_image_set(tmp_path):
+    from mmsae import storage
+    from mmsae.components.planning import sae_staleness
+    from mmsae.stages._base import KEY_FIELD
+
+    shards, sae = tmp_path / "cache", tmp_path / "train"
+    prints = {"image_set": "aaa", "model": "bbb"}
+    storage.write_manifest(shards, "activations", files=[], extra={KEY_FIELD: {"config": {}, "fingerprints": prints}})
+    storage.write_manifest(sae, "sae", files=[], inputs={"shards": str(shards)})
+    assert sae_staleness(str(sae), prints) is None
+    assert sae_staleness(str(sae), {**prints, "image_set": "ccc"}) == "image_set changed since"
+    assert "cannot be read" in sae_staleness(str(tmp_path / "missing"), prints)

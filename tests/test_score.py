@@ -706,32 +706,3 @@ def test_one_explanation_has_no_baseline_and_none_leaves_nothing_to_score(plante
 
 # ---------------------------------------------------------------------------------------------------
 # the pipeline step
-
-
-def test_the_score_step_follows_explain_feeds_the_report_and_shares_the_explainers_secret(tmp_path, monkeypatch):
-    import importlib
-
-    import yaml
-    from kfp import compiler
-
-    from mmsae.pipelines import sae_interp as module
-
-    path = tmp_path / "p.yaml"
-    monkeypatch.setenv("MMSAE_EXPLAINER_SECRET", "explainer-credentials")  # read when the DAG is defined
-    try:
-        compiler.Compiler().compile(importlib.reload(module).sae_interp, str(path))
-    finally:
-        monkeypatch.delenv("MMSAE_EXPLAINER_SECRET")
-        importlib.reload(module)
-    spec, platform = yaml.safe_load_all(path.read_text())
-    tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    assert {"explain", "mine"} <= set(tasks["score"]["dependentTasks"])
-    assert "score" in tasks["report"]["dependentTasks"]
-    given = tasks["score"]["inputs"]["artifacts"]
-    assert given["explanations"]["taskOutputArtifact"] == {"outputArtifactKey": "explanations", "producerTask": "explain"}
-    assert given["top_examples"]["taskOutputArtifact"] == {"outputArtifactKey": "top_examples", "producerTask": "mine"}
-    shown = tasks["report"]["inputs"]["artifacts"]["scores"]["taskOutputArtifact"]
-    assert shown == {"outputArtifactKey": "scores", "producerTask": "score"}
-    assert tasks["score"]["retryPolicy"]["maxRetryCount"] == module.EXPLAIN_RETRIES
-    secret = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-score"]["secretAsEnv"][0]
-    assert secret["secretName"] == "explainer-credentials" and secret["optional"] is True

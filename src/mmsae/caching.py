@@ -2,8 +2,9 @@
 
 `image_loader` decodes and preprocesses batches of images (bad images skipped and reported, not raised);
 `forward_rows` runs one forward pass cut after the deepest hook point and returns, per hook point, the
-kept rows with their geometry columns; `SetBuffer` gathers whole batches into a shard set; `SetWriter`
-writes sets in order on one background thread, so encoding and writing overlap the forward passes.
+kept rows with their geometry columns (`keep_mask`: the token kinds, views and seeded share kept);
+`SetBuffer` gathers whole batches into a shard set; `SetWriter` writes sets in order on one background
+thread, so encoding and writing overlap the forward passes.
 """
 
 from __future__ import annotations
@@ -131,16 +132,10 @@ def forward_rows(lmm, hooks, batch, c: CacheConfig, capture) -> dict[str, dict[s
     geo = token_geometry(lmm.family, lmm.config, ids, inputs.get("image_sizes"), lmm.processor,
                          batch_num_images=inputs.get("batch_num_images"))
     view = torch.as_tensor(np.asarray(geo.view))
-    if c.tokens == "image":
-        keep = (view != activations.VIEW_TEXT) & attn
-    elif c.tokens == "text":
-        keep = (view == activations.VIEW_TEXT) & attn
-    else:
-        keep = attn.clone()
     # position in the unpadded sequence, so padding (left or right) never changes a row
     pos = torch.cumsum(attn.long(), dim=1) - 1
     b_idx = torch.as_tensor(batch["ok"], dtype=torch.int64)[:, None].expand_as(ids)
-    sel = keep.nonzero(as_tuple=True)
+    sel = keep_mask(c, view, attn, b_idx, pos).nonzero(as_tuple=True)
     index_cols = {
         "image_idx": b_idx[sel],
         "token_pos": pos[sel].to(torch.int32),
@@ -155,6 +150,41 @@ def forward_rows(lmm, hooks, batch, c: CacheConfig, capture) -> dict[str, dict[s
         rows = x[sel[0].to(x.device), sel[1].to(x.device)].to("cpu", dtype)
         out[h.name] = {"acts": rows, **index_cols}
     return out
+
+
+def keep_mask(c: CacheConfig, view: torch.Tensor, attn: torch.Tensor, image_idx: torch.Tensor,
+              pos: torch.Tensor) -> torch.Tensor:
+    """Which tokens of a batch ``[batch, seq]`` to cache: ``cache.tokens``, then ``cache.views`` and
+    ``cache.token_fraction`` (a choice by image index and unpadded position only, so batching never changes it)."""
+    is_text = view == activations.VIEW_TEXT
+    if c.tokens == "image":
+        keep = ~is_text & attn
+    elif c.tokens == "text":
+        keep = is_text & attn
+    else:
+        keep = attn.clone()
+    if c.views == "base":
+        keep &= is_text | (view == 0)
+    if c.token_fraction < 1.0:
+        keep &= token_hash_unit(image_idx, pos, c.token_seed) < c.token_fraction
+    return keep
+
+
+_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD1B54A32D192ED03)
+
+
+def token_hash_unit(image_idx: torch.Tensor, pos: torch.Tensor, seed: int) -> torch.Tensor:
+    """A uniform number in [0, 1) per token from (seed, image index, position): splitmix64 in uint64."""
+    with np.errstate(over="ignore"):
+        x = (np.asarray(image_idx, dtype=np.uint64) * np.uint64(_MIX[0])
+             + np.asarray(pos, dtype=np.uint64) * np.uint64(_MIX[3])
+             + np.uint64(seed % 2**64) * np.uint64(_MIX[1]) + np.uint64(_MIX[2]))
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(_MIX[1])
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(_MIX[2])
+        x ^= x >> np.uint64(31)
+    return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) / float(2**53))
 
 
 def concat_rows(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ USER_ERRORS = frozenset({
     "ConfigError", "OutputMismatchError", "CacheError", "TrainError", "MineError", "SelectionError",
     "ReportError", "ShardFormatError", "TopExamplesError", "StorageError", "StorageURIError", "ManifestError",
     "TrackingError", "ImageSetError", "ToyWorldError", "ModelFormatError", "HookPointError", "ToyLMMError",
-    "SaeConfigError", "CheckpointError", "ExplainError", "ScoreError", "KfpError", "RunsError",
+    "SaeConfigError", "CheckpointError", "ExplainError", "ScoreError", "SteerError", "AttributionError", "KfpError", "RunsError",
 })
 """Names of mmsae's error classes that a user can cause and fix (a config, an input, an existing output),
 reported as one line rather than a traceback; their subclasses too. Matched by name among the classes of
@@ -279,6 +279,57 @@ def score(
 
 
 @app.command(epilog=EXPLAIN_HINT)
+def steer(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    top_examples: Annotated[str | None, typer.Option(help="Top-examples URI (overrides steer.top_examples).")] = None,
+    explanations: Annotated[str | None, typer.Option(help="Explanations URI (overrides steer.explanations).")] = None,
+    attributions: Annotated[str | None, typer.Option(help="Attributions URI (overrides steer.attributions).")] = None,
+    out: Annotated[str | None, typer.Option(help="Output URI (overrides steer.out).")] = None,
+) -> None:
+    """Clamp features while the LMM generates and measure how the output moves (a dose-response per feature).
+
+    Reads the `steer` config section, the top examples of the mine stage (default RUN.WORKDIR/mine: the SAE, its
+    hook point, the LMM and image set, the features' max activations), the explanations (default
+    RUN.WORKDIR/explain when there: the features explained, their concepts) or the attributions' top features.
+    Writes steering.jsonl, random_baseline.jsonl, dose_response.json and .png and a manifest to steer.out
+    (default RUN.WORKDIR/steer).
+    """
+    from mmsae.stages import steer as stage
+
+    cfg = _config(config, set_)
+    if out:
+        cfg.steer.out = out
+    result = stage.run(cfg, top_examples=top_examples, explanations=explanations, attributions=attributions)
+    typer.echo(storage.json_text({"steering": result.uri, **result.figures}, indent=2))
+
+
+@app.command(epilog=EXPLAIN_HINT)
+def attribute(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    top_examples: Annotated[
+        str | None, typer.Option(help="Top-examples URI (overrides attribute.top_examples).")
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="Output URI (overrides attribute.out).")] = None,
+) -> None:
+    """Find the SAE features behind an answer token: every feature at every position, one forward and one backward.
+
+    Reads the `attribute` config section and the top examples of the mine stage (default RUN.WORKDIR/mine: the
+    SAE, its hook point, the LMM and image set). Writes attributions.jsonl (top features per example),
+    maps.safetensors (per-token maps), heat maps of the image-token attributions and a manifest to
+    attribute.out (default RUN.WORKDIR/attribute).
+    """
+    from mmsae.stages import attribute as stage
+
+    cfg = _config(config, set_)
+    if out:
+        cfg.attribute.out = out
+    result = stage.run(cfg, top_examples=top_examples)
+    typer.echo(storage.json_text({"attributions": result.uri, **result.figures}, indent=2))
+
+
+@app.command(epilog=EXPLAIN_HINT)
 def report(
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -364,7 +415,8 @@ def pipeline_compile(
     """Compile the pipelines to KFP IR YAML (upload them in the KFP UI, or with `mmsae pipeline upload`).
 
     Reads the pipeline definitions (pipelines/) and the compile-time settings they name ($MMSAE_BASE_IMAGE,
-    $MMSAE_TRAIN_IMAGE, ...). Writes OUT/<pipeline>.yaml for each pipeline (sae_interp, ...).
+    $MMSAE_TRAIN_IMAGE, the GPU and cluster settings of pipelines/cluster.py). Writes OUT/<pipeline>.yaml for
+    each pipeline (sae_interp: every configured layer; retrain_layer: the next layer that needs it).
     """
     from mmsae import kfp_client
 

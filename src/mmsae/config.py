@@ -149,6 +149,14 @@ class CacheConfig(Section):
     """Hook points: decoder-layer indices (negative from the end) or module names; one shard set each."""
     tokens: Literal["image", "text", "all"] = "image"
     """Which tokens to keep: image tokens (every view, newline tokens included), text tokens, or all."""
+    views: Literal["all", "base"] = "all"
+    """Image tokens of which views to keep: every AnyRes view (newline tokens included), or the base view only
+    (one low-resolution view per image); text tokens are not affected."""
+    token_fraction: float = Field(1.0, gt=0, le=1)
+    """Share of the kept tokens to cache: each token is kept or not by a hash of (token_seed, image index,
+    position), so the choice is the same on every run, rank and resume."""
+    token_seed: int = 0
+    """Seed of the token_fraction choice."""
     prompt: str | None = None
     """Text around the image, with `<image>` where the image goes; default: the model's own (or `<image>`)."""
     batch_size: int = Field(8, ge=1)
@@ -436,12 +444,14 @@ class SteerConfig(SeededSection):
     and their explanations' words are the concept looked for; empty: the pipeline's input (or
     `<run.workdir>/explain` when it exists)."""
     attributions: str = ""
-    """Attributions artifact URI (the attribute stage's output): when set, the features it attributed most
-    (steer.attribution_top per example) are steered instead of the explained ones."""
+    """Attributions artifact URI (the attribute stage's output), read when steer.source is `attributed`."""
     out: str = ""
     """Where the steering results go; empty: `<run.workdir>/steer`."""
     features: list[int] = []
-    """Features to steer; empty: from steer.attributions when set, else the explained ones."""
+    """Features to steer; empty: as steer.source says."""
+    source: Literal["explained", "attributed"] = "explained"
+    """Without steer.features: `explained`, the features the explain stage explained with status ok; `attributed`,
+    the features the attribute stage attributed most (steer.attribution_top per example of steer.attributions)."""
     max_features: int = Field(64, ge=1)
     """Most features steered (the first ones of the list)."""
     attribution_top: int = Field(1, ge=1)

@@ -55,6 +55,8 @@ ENV_EXPERIMENT_ID = "MLFLOW_EXPERIMENT_ID"
 ENV_RUN_ID = "MLFLOW_RUN_ID"
 
 TAG_STAGE = "mmsae.stage"
+TAG_LAYER = "mmsae.layer"
+"""Tag of a stage run that works on one layer."""
 TAG_PIPELINE = "mmsae.pipeline"
 TAG_KFP_JOB_ID = "kfp.job_id"
 TAG_KFP_JOB_NAME = "kfp.job_name"
@@ -382,9 +384,10 @@ def find_pipeline_run(kfp_job_id: str, uri: str | None = None, experiment: str =
         [experiment_id],
         filter_string=f"tags.`{TAG_KFP_JOB_ID}` = '{kfp_job_id}'",
         order_by=["attributes.start_time DESC"],
-        max_results=1,
+        max_results=1000,
     )
-    return runs[0].info.run_id if runs else None
+    pipelines = [run for run in runs if TAG_PIPELINE in run.data.tags]  # its stage runs carry the tag too
+    return pipelines[0].info.run_id if pipelines else None
 
 
 def end_pipeline_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
@@ -417,6 +420,7 @@ def stage_run(
     experiment: str = DEFAULT_EXPERIMENT,
     enabled: bool = True,
     output: str | None = None,
+    tags: Mapping[str, Any] | None = None,
 ) -> Iterator[StageTracker | NullTracker]:
     """Track one stage; yields a tracker (a :class:`NullTracker` when ``enabled`` is false).
 
@@ -425,6 +429,7 @@ def stage_run(
     stage goes on in its run; such runs under another parent are marked KILLED); else a new child of
     ``parent_run_id`` named ``stage``, in the parent's experiment; else a new top-level run in
     ``$MLFLOW_EXPERIMENT_ID`` or ``experiment``.
+    A new child also carries its parent's ``kfp.job_id`` tag (the KFP run id). ``tags`` are set on the run.
     ``config`` (a mapping or pydantic model) is logged as flattened params and as ``config.yaml``. A run
     this function created ends FINISHED, or FAILED when the block raises; the exception propagates.
     """
@@ -444,6 +449,8 @@ def stage_run(
     tracker = StageTracker(client, run_id)
     if not owned:
         tracker.set_tags({TAG_STAGE: stage})
+    if tags:
+        tracker.set_tags(tags)
     plain = _to_plain(config)
     if plain:
         _log_params_once(client, tracker, plain)
@@ -464,8 +471,11 @@ def _open_stage_run(client: MlflowClient, stage: str, parent_run_id: str | None,
     parent, else a new one (under ``parent_run_id`` when given)."""
     tags = {TAG_STAGE: stage}
     if parent_run_id:
-        experiment_id = _get_run(client, parent_run_id, f"parent run of stage {stage!r}").info.experiment_id
+        parent = _get_run(client, parent_run_id, f"parent run of stage {stage!r}")
+        experiment_id = parent.info.experiment_id
         tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        if parent.data.tags.get(TAG_KFP_JOB_ID):
+            tags[TAG_KFP_JOB_ID] = parent.data.tags[TAG_KFP_JOB_ID]
     else:
         experiment_id = _experiment_id(client, experiment)
     if output:

@@ -240,16 +240,20 @@ class StageContext:
 
 @contextlib.contextmanager
 def stage_context(cfg: RunConfig, step: str, config: Mapping[str, Any], parent_run_id: str | None = None,
-                  ranks: tuple[int, int, int] = (0, 1, 0), output: str | None = None) -> Iterator[StageContext]:
+                  ranks: tuple[int, int, int] = (0, 1, 0), output: str | None = None,
+                  tags: Mapping[str, Any] | None = None) -> Iterator[StageContext]:
     """The stage's MLflow run (rank 0 only; params from ``config``) and its :class:`StageContext`.
 
     ``output``, the stage's output URI, lets a stage resumed after a kill go on in the MLflow run the killed
-    process left RUNNING (`mmsae.tracking.stage_run`).
+    process left RUNNING (`mmsae.tracking.stage_run`). The run is tagged ``mmsae.layer`` when the config
+    names exactly one layer (``cache.layers``), and with ``tags``.
     """
     rank, world, local_rank = ranks
+    layers = cfg.cache.layers
+    run_tags = {tracking.TAG_LAYER: layers[0]} if len(layers) == 1 else {}
     with tracking.stage_run(step, parent_run_id=parent_run_id, config=dict(config), uri=cfg.tracking.uri,
                             experiment=cfg.tracking.experiment, enabled=cfg.tracking.enabled and rank == 0,
-                            output=output) as tracker:
+                            output=output, tags={**run_tags, **(tags or {})}) as tracker:
         yield StageContext(step, cfg.run.workdir, cfg.run.overwrite, tracker, rank, world, local_rank)
 
 

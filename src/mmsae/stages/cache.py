@@ -72,6 +72,8 @@ DIST_TIMEOUT = timedelta(hours=24)
 them): ranks given slow images can finish hours after the others, and torch's default (30 minutes for
 gloo) would kill rank 0 while it waits. A module constant, not a config field."""
 NOT_IN_KEY = ("num_workers", "device", "max_skipped", "image_set", "model", "out")
+ADDED_LATER = ("views", "token_fraction", "token_seed")
+"""Settings added after shards were first sealed; in the key only when they differ from their defaults."""
 """Settings that do not change the bytes written (the inputs count through their fingerprints)."""
 
 
@@ -123,9 +125,13 @@ def run(cfg: RunConfig, image_set: str | None = None, model: str | None = None,
 def output_key(c: CacheConfig) -> OutputKey:
     """What shards must be made from to be reused or resumed: the config that shapes their bytes, and the
     fingerprints of the model and the image set (rewritten at the same URI, they are different inputs)."""
+    config = c.model_dump(mode="json", exclude=set(NOT_IN_KEY))
+    defaults = CacheConfig().model_dump(mode="json")
+    for name in ADDED_LATER:  # at their defaults they change nothing: shards made before them stay reusable
+        if config[name] == defaults[name]:
+            del config[name]
     try:
-        return OutputKey.of(c.model_dump(mode="json", exclude=set(NOT_IN_KEY)),
-                            {"model": c.model, "image_set": c.image_set})
+        return OutputKey.of(config, {"model": c.model, "image_set": c.image_set})
     except FileNotFoundError as e:
         raise CacheError(str(e)) from e
 

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU profile in one go: `bench/gpu.sh [OUT_DIR]` (default bench-output) writes OUT_DIR/gpu.json.
+# Needs only `make venv` with a CUDA build of torch; stops after MMSAE_BENCH_GPU_TIMEOUT seconds (default 480).
+# Exits non-zero when a part failed (gpu.json lists it under "failed" and still holds the other parts).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-bench-output}"
+if [ ! -x .venv/bin/python ]; then
+  make venv
+fi
+if ! .venv/bin/python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "bench/gpu.sh: torch sees no GPU (a CPU build of torch, or no device); the full shapes need one" >&2
+  exit 2
+fi
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
+timeout "${MMSAE_BENCH_GPU_TIMEOUT:-480}" .venv/bin/python -m bench --out "$out" gpu
+.venv/bin/python - "$out/gpu.json" <<'PY'
+import json
+import sys
+
+failed = json.load(open(sys.argv[1]))["failed"]
+if failed:
+    sys.exit(f"bench/gpu.sh: parts failed: {failed}")
+PY
