@@ -508,8 +508,9 @@ def test_resume_after_kill_continues_identically(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
-    subprocess.run([sys.executable, "-m", "mmsae.cli", *_cli(out, shards, **kw)], check=True,
-                   env=_env(tmp_path), capture_output=True)
+    resumed = subprocess.run([sys.executable, "-m", "mmsae.cli", "--debug", *_cli(out, shards, **kw)],
+                             env=_env(tmp_path), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = _weights(ref), _weights(out)
     for k in a:
         assert torch.equal(a[k], b[k]), k

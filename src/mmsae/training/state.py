@@ -84,7 +84,12 @@ class TrainingStates:
         if self.ctx.is_main and not (self.local / RESUME_KEY).exists():
             self.local.mkdir(parents=True, exist_ok=True)
             storage.write_json(str(self.local / RESUME_KEY), self.key.to_json())
-        engine.save_checkpoint(str(self.local), tag=tag, client_state=client)
+        # DeepSpeed writes `latest` in place: a kill during that write would leave no readable state. It is
+        # written here instead, atomically, once every rank's files are complete.
+        engine.save_checkpoint(str(self.local), tag=tag, client_state=client, save_latest=False)
+        self.ctx.barrier()
+        if self.ctx.local_rank == 0:
+            storage.write_text(str(self.local / LATEST), tag)
         self.ctx.barrier()
         if self.on_s3:
             if self.ctx.local_rank == 0:
