@@ -14,7 +14,9 @@ Toy world (``toy_world``): the attribute stage's automatic examples (`EXAMPLES` 
 their first colour word; the answer against the colour the toy LMM ranks highest among those its caption does not
 name), attributed at image tokens (what the SAE was trained on). For the first `ABLATED` of them every active
 feature is also ablated for real (one forward each): the Spearman correlation of the estimates with the true
-effects. Then the stage's figures: ``top_is_matched`` (the top feature is the mine stage's match for the answer's
+effects, how often the top feature by estimate is the top one by ablation, and for each of the two whether its
+top images mostly hold the answer's colour (``top_is_concept_estimate`` / ``_ablation``: the estimate's share is
+bounded by what ablation itself finds, a property of the model and the SAE). Then the stage's figures: ``top_is_matched`` (the top feature is the mine stage's match for the answer's
 colour), ``top_is_concept`` (its top images mostly hold that colour), each beside a random active feature's.
 """
 
@@ -36,7 +38,7 @@ BATCH = 4
 WIDTHS = (64, 1024, 16384, 131072)
 MAX_PASSES = 3
 EXAMPLES = 64
-ABLATED = 16
+ABLATED = 32
 PROMPT = "USER: <image>\nwhat is in this image? ASSISTANT:"
 
 
@@ -106,6 +108,7 @@ def toy_world(workdir: str) -> dict[str, Any]:
     from bench.steer import load_toy, toy_world_run
     from mmsae.attribution import ablation_effects, attribute, rank_correlation
     from mmsae.config import load_config
+    from mmsae.data.images import load_image_set
     from mmsae.demo import DEMO_PROFILE
     from mmsae.stages import attribute as stage
 
@@ -118,7 +121,8 @@ def toy_world(workdir: str) -> dict[str, Any]:
     from mmsae.steering import Prompt, Steerer
 
     steerer = Steerer(lmm, sae, hookpoint, positions=("image",))
-    correlations = []
+    image_concepts = load_image_set(run["image_set"], top.extra.get("split", "train"))["concepts"]
+    correlations, same_top, concept_estimate, concept_ablation = [], [], [], []
     for r in rows[:ABLATED]:
         enc = steerer.encode([Prompt(r["prompt"], heldout[r["image_idx"]]["image"].convert("RGB"))])
         where = steerer.position_masks(enc)["image"]
@@ -126,7 +130,15 @@ def toy_world(workdir: str) -> dict[str, Any]:
         features = result.active_features()
         true = ablation_effects(lmm, sae, hookpoint, enc, [r["answer_id"]], [r["baseline_id"]], features,
                                 where=where)[:, 0]
-        correlations.append(rank_correlation(result.feature_totals(sae.num_latents)[features].tolist(), true.tolist()))
+        estimates = result.feature_totals(sae.num_latents)[features]
+        correlations.append(rank_correlation(estimates.tolist(), true.tolist()))
+        by_estimate, by_ablation = features[int(estimates.argmax())], features[int(true.argmax())]
+        same_top.append(float(by_estimate == by_ablation))
+        concept = f"color:{r['answer']}"
+        for chosen, shares in ((by_estimate, concept_estimate), (by_ablation, concept_ablation)):
+            shares.append(float(stage.concept_share(top, image_concepts, chosen, concept) >= stage.CONCEPT_PRECISION))
     return {"stage": out.figures, "rank_correlation_mean": statistics.mean(correlations),
             "rank_correlation_min": min(correlations), "rank_correlation_median": statistics.median(correlations),
-            "ablated_examples": len(correlations)}
+            "ablated_examples": len(correlations), "same_top_feature_as_ablation": statistics.mean(same_top),
+            "top_is_concept_estimate": statistics.mean(concept_estimate),
+            "top_is_concept_ablation": statistics.mean(concept_ablation)}

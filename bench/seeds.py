@@ -6,7 +6,8 @@ names a folder to keep them in. Returns the figures (``python -m bench seeds`` w
 
 For every seed, ``run.seed`` is set (so every section's seed follows it: the toy world's scenes, the toy
 LMM's training, the SAE's initialisation and data order, the held-out split, mining's samples) and the
-stages' ``run()`` functions run in turn with tracking off: toyworld -> cache -> train -> mine. The toy LMM
+stages' ``run()`` functions run in turn with tracking off: toyworld -> cache -> train -> mine, on one layer
+(`LAYER`, the toy LMM's last: the demo runs both of its layers, each with its own SAE). The toy LMM
 is trained once per config and kept under ``$MMSAE_CACHE_DIR`` (default ``~/.cache/mmsae``), so a second
 run of this benchmark reuses it.
 
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SEEDS = 3
 PROFILES = ("demo", "quick")
+LAYER = 1
+"""The layer whose SAE every seed trains (the toy LMM's last)."""
 QUICK_OVERRIDES = [
     "toyworld.n_train=600", "toyworld.n_heldout=100", "toylmm.steps=150",
     "train.epochs=1", "train.dead_tokens=10000", "train.eval_lm_images=16", "train.lr_warmup_steps=5",
@@ -105,7 +108,8 @@ def seed_config(seed: int, profile: str, workdir: Path):
     from mmsae.config import load_config
     from mmsae.demo import DEMO_PROFILE
 
-    overrides = [f"run.seed={seed}", f"run.workdir={workdir}", f"run.name=seeds-{seed}", "tracking.enabled=false"]
+    overrides = [f"run.seed={seed}", f"run.workdir={workdir}", f"run.name=seeds-{seed}", "tracking.enabled=false",
+                 f"cache.layers=[{LAYER}]"]
     if profile == "quick":
         overrides += QUICK_OVERRIDES
     return load_config(DEMO_PROFILE, overrides)

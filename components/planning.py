@@ -8,9 +8,7 @@ fingerprint, so the KFP cache key of every per-layer task changes when the image
 """
 
 import hashlib
-import re
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import yaml
 
@@ -20,11 +18,6 @@ from mmsae import storage
 STAGE_OUTPUTS = ("cache", "train", "mine", "explain", "score", "steer", "attribute", "report")
 #: What a fingerprint of the inputs is made of (the names of the shards' key fingerprints).
 INPUT_NAMES = ("image_set", "model")
-
-
-def layer_slug(layer: Any) -> str:
-    """A layer as a folder name."""
-    return re.sub(r"[^\w.\-]", "_", str(layer)) or "_"
 
 
 def parse_layer(text: str) -> int | str:
@@ -37,6 +30,8 @@ def parse_layer(text: str) -> int | str:
 
 def config_for_layer(cfg, layer: int | str):
     """The run config of one layer: ``cache.layers = [layer]`` and per-layer stage outputs."""
+    from mmsae.stages._base import layer_slug
+
     cfg = cfg.model_copy(deep=True)
     cfg.cache.layers = [layer]
     slug = layer_slug(layer)

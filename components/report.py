@@ -16,10 +16,12 @@ def report(
     explanations: Input[Dataset] | None = None,
     scores: Input[Dataset] | None = None,
     steering: Input[Dataset] | None = None,
+    attributions: Input[Dataset] | None = None,
 ):
     """Render the dashboard (see ``mmsae.stages.report``); ``report`` holds the page itself.
 
-    ``explanations``, ``scores`` and ``steering`` are optional pointer artifacts of the later stages.
+    ``explanations``, ``scores``, ``steering`` and ``attributions`` are optional pointer artifacts of the later
+    stages.
     """
     from mmsae import storage
     from mmsae.components.metrics import log_figures
@@ -33,6 +35,7 @@ def report(
         explanations=read_pointer(explanations) if explanations is not None else None,
         scores=read_pointer(scores) if scores is not None else None,
         steering=read_pointer(steering) if steering is not None else None,
+        attributions=read_pointer(attributions) if attributions is not None else None,
         parent_run_id=parent_run_id or None,
     )
     with open(report.path, "wb") as f:

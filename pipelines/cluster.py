@@ -28,6 +28,7 @@ EXPLAINER_SECRET_KEYS = ("OPENAI_API_KEY", "OPENAI_BASE_URL")
 EXPLAIN_RETRIES = 3
 EXPLAIN_BACKOFF = "60s"
 SHM_VOLUME = "dshm"
+TRAIN_IMAGE_ENV = "MMSAE_TRAIN_IMAGE"
 
 GPU_DEFAULTS = {
     "MMSAE_GPU_TYPE": "nvidia.com/gpu",
@@ -71,10 +72,12 @@ def asks_the_explainer(*tasks: dsl.PipelineTask) -> None:
 
 def on_gpu(*tasks: dsl.PipelineTask) -> None:
     """The GPU image (CUDA, DeepSpeed), GPUs, CPU and memory, the GPU taint tolerated, the node selector and
-    a memory-backed /dev/shm."""
+    a memory-backed /dev/shm. The image's name is also the task's ``$MMSAE_TRAIN_IMAGE``, so a step that
+    starts pods of its own (train with ``train.nodes > 1``) starts them in the image it runs in."""
     toleration, selector = setting("MMSAE_GPU_TOLERATION"), setting("MMSAE_GPU_NODE_SELECTOR")
     for task in tasks:
         task.set_container_image(components.TRAIN_IMAGE)
+        task.set_env_variable(TRAIN_IMAGE_ENV, components.TRAIN_IMAGE)
         task.set_accelerator_type(setting("MMSAE_GPU_TYPE"))
         task.set_accelerator_limit(int(setting("MMSAE_GPUS")))
         task.set_cpu_request(setting("MMSAE_GPU_CPU")).set_cpu_limit(setting("MMSAE_GPU_CPU"))

@@ -1,5 +1,5 @@
 """One layer's SAE of an existing image set and LMM, for recurring runs: cache, train, mine, explain, score,
-steer and report the next layer that needs it.
+attribute, steer and report the next layer that needs it.
 
 ``next_layer`` asks MLflow for the newest finished train run of each configured layer (tag
 ``mmsae.layer``) and takes the first layer with none; else the first whose SAE is stale: the image set or
@@ -13,11 +13,10 @@ take a cached result; every later task's cache key holds the inputs' fingerprint
 
 from kfp import dsl
 
-from mmsae.components.inputs import inputs
 from mmsae.components.layers import next_layer
-from mmsae.components.tracking import close_tracking, open_tracking
+from mmsae.components.tracking import close_tracking
 from mmsae.pipelines.cluster import with_cluster_env
-from mmsae.pipelines.layer import layer_steps
+from mmsae.pipelines.layer import layer_steps, run_inputs
 
 PIPELINE_NAME = "mmsae-retrain-layer"
 NOTHING_TO_DO = ""
@@ -32,16 +31,7 @@ def retrain_layer(config_yaml: str = "", run_name: str = ""):
     closer = close_tracking(config_yaml=config_yaml, kfp_job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     closer.set_caching_options(False)
     with dsl.ExitHandler(closer, name="run"):
-        opened = open_tracking(
-            config_yaml=config_yaml,
-            run_name=run_name,
-            kfp_job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            kfp_job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-        )
-        opened.set_caching_options(False)
-        world = inputs(config_yaml=config_yaml, parent_run_id=opened.output)
-        world.set_display_name("inputs (image set + LMM)")
-        world.set_caching_options(False)
+        opened, world = run_inputs(config_yaml, run_name, "inputs (image set + LMM)")
         chosen = next_layer(config_yaml=config_yaml, image_set=world.outputs["image_set"], lmm=world.outputs["lmm"])
         chosen.set_display_name("next layer (from MLflow)")
         chosen.set_caching_options(False)

@@ -1,5 +1,5 @@
 """The full mmsae run as one KFP DAG: inputs, then per configured layer cache -> train -> mine -> explain ->
-score -> steer -> report.
+score, attribute -> steer -> report (`layer.layer_steps`).
 
 The MLflow parent run is opened first and closed by an exit handler, so a failed run is recorded as FAILED.
 ``plan_layers`` reads ``cache.layers`` and a ``ParallelFor`` runs one SAE per layer (`layer.layer_steps`;
@@ -23,32 +23,23 @@ import os
 
 from kfp import dsl
 
-from mmsae.components.inputs import inputs
 from mmsae.components.layers import plan_layers
-from mmsae.components.tracking import close_tracking, open_tracking
+from mmsae.components.tracking import close_tracking
 from mmsae.pipelines.cluster import with_cluster_env
-from mmsae.pipelines.layer import layer_steps
+from mmsae.pipelines.layer import layer_steps, run_inputs
 
 PIPELINE_NAME = "mmsae-sae-interp"
 
 
 @dsl.pipeline(name=PIPELINE_NAME,
-              description="Cache, train, mine, explain, score and steer SAE features of an LMM, one SAE per layer.")
+              description="Cache, train, mine, explain, score, attribute and steer SAE features of an LMM, one SAE "
+                          "per layer.")
 def sae_interp(config_yaml: str = "", run_name: str = ""):
     """``config_yaml``: the whole run config (mmsae's schema) as YAML text; empty means the defaults."""
     closer = close_tracking(config_yaml=config_yaml, kfp_job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     closer.set_caching_options(False)
     with dsl.ExitHandler(closer, name="run"):
-        opened = open_tracking(
-            config_yaml=config_yaml,
-            run_name=run_name,
-            kfp_job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            kfp_job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-        )
-        opened.set_caching_options(False)
-        world = inputs(config_yaml=config_yaml, parent_run_id=opened.output)
-        world.set_display_name("inputs (image set + LMM; the toy world unless given)")
-        world.set_caching_options(False)
+        opened, world = run_inputs(config_yaml, run_name, "inputs (image set + LMM; the toy world unless given)")
         layers = plan_layers(config_yaml=config_yaml, parent_run_id=opened.output)
         layers.set_display_name("layers")
         layers.set_caching_options(False)

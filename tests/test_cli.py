@@ -25,7 +25,7 @@ STAGE_COMMANDS = {
     ("score",): ["--explanations", "--top-examples", "--out"],
     ("steer",): ["--top-examples", "--explanations", "--attributions", "--out"],
     ("attribute",): ["--top-examples", "--out"],
-    ("report",): ["--top-examples", "--explanations", "--scores", "--steering", "--out"],
+    ("report",): ["--top-examples", "--explanations", "--scores", "--steering", "--attributions", "--out"],
     ("toyworld", "build"): ["--workdir"],
     ("demo",): ["--out"],
 }

@@ -143,7 +143,7 @@ def test_report_component_holds_the_page_and_logs_finite_figures(with_optional, 
                           report=html, metrics=metrics, **optional)
     (cfg,), kwargs = calls[0]
     assert cfg == config
-    assert kwargs == {"top_examples": "/data/mined", "parent_run_id": "p", "steering": None,
+    assert kwargs == {"top_examples": "/data/mined", "parent_run_id": "p", "steering": None, "attributions": None,
                       "explanations": "/data/expl.jsonl" if with_optional else None,
                       "scores": "/data/scores.jsonl" if with_optional else None}
     assert Path(html.path).read_bytes() == page.read_bytes()

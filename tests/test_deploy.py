@@ -393,3 +393,18 @@ def test_ci_workflow_lints_tests_compiles_checks_the_chart_and_builds_both_image
     assert jobs["images"]["strategy"]["matrix"]["image"] == ["base", "train"]
     build = next(step for step in jobs["images"]["steps"] if step.get("uses", "").startswith("docker/build-push"))
     assert build["with"]["file"] == "images/${{ matrix.image }}.Dockerfile" and build["with"]["context"] == "."
+
+
+def test_pipeline_steps_may_run_trainjobs_in_their_namespace_only_when_asked(helm) -> None:
+    from mmsae import trainjob
+
+    docs = _render(helm, {"trainJobs": {"serviceAccountName": "pipeline-runner"}})
+    role = _find(docs, "Role", "mmsae-trainjobs")
+    (rule,) = role["rules"]
+    assert rule["apiGroups"] == [trainjob.TRAINER_GROUP] and rule["resources"] == [trainjob.TRAINJOB_PLURAL]
+    assert set(rule["verbs"]) == {"create", "get", "delete"}  # what the train step calls, nothing more
+    binding = _find(docs, "RoleBinding", "mmsae-trainjobs")
+    assert binding["roleRef"]["name"] == "mmsae-trainjobs"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": NAMESPACE}]
+    off = _render(helm, {"trainJobs": {"rbac": False}})
+    assert not [d for d in off if d["kind"] in ("Role", "RoleBinding")]

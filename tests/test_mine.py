@@ -466,7 +466,7 @@ def test_a_rewritten_sae_is_refused_and_overwrite_mines_the_new_one(setup, tmp_p
     assert [r.top_images for r in after] != [r.top_images for r in before]
     assert again.figures["mean_l0"] == pytest.approx(float((bf["dense"] > 0).sum(1).float().mean()))
     assert again.figures["mean_l0"] != first.figures["mean_l0"]
-    assert read_summaries(cfg.run.workdir)["mine"] == again.figures
+    assert read_summaries(cfg.run.workdir, cfg.cache.layers[0])["mine"] == again.figures
     assert TopExamples(again.uri).extra[KEY_FIELD] == mine.output_key(
         cfg.mine.model_copy(update={"out": again.uri})).to_json()
 

@@ -17,6 +17,8 @@ QUICK = [
     "cache.batch_size=8", "cache.shard_rows=400", "cache.num_workers=0",
     "train.num_latents=128", "train.k=8", "train.batch_size=64", "train.lr_warmup_steps=2",
     "train.dead_tokens=5000", "train.log_every=5",
+    "steer.max_features=2", "steer.images=2", "steer.strengths=[4.0]", "steer.max_new_tokens=8",
+    "attribute.images=4", "attribute.heatmaps=1",
 ]
 
 
@@ -49,30 +51,35 @@ def test_whole_dag_runs_locally_and_records_every_step(tmp_path, monkeypatch):
     from mmsae.demo import run_demo
     from mmsae.tracking import stage_runs
 
-    cfg = load_config(None, QUICK)
+    cfg = load_config(None, [*QUICK, "cache.layers=[0,1]"])
     summary = run_demo(cfg, tmp_path / "demo")
-    steps = summary["steps"]
-    assert {"toyworld", "cache", "train", "mine", "report"} <= set(steps)
-    assert steps["toyworld"]["n_train_images"] == 48
-    assert steps["cache"]["images"] == 48  # the cache reads the training split
-    assert steps["train"]["steps"] > 0
+    assert set(summary["steps"]) == {"toyworld"}  # the one run-wide step
+    assert summary["steps"]["toyworld"]["n_train_images"] == 48
+    assert set(summary["layers"]) == {"0", "1"}  # one SAE per layer, each with every step
+    for layer, steps in summary["layers"].items():
+        assert set(steps) == {"cache", "train", "mine", "explain", "score", "attribute", "steer", "report"}, layer
+        assert steps["cache"]["images"] == 48  # the cache reads the training split
+        assert steps["train"]["steps"] > 0
+        assert steps["report"]["index"] == str(tmp_path / f"demo/work/layers/{layer}/report/index.html")
     written = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert written["steps"] == steps
-    # MLflow: one finished parent run with a child per stage
+    assert written["layers"] == summary["layers"]
+    # MLflow: one finished parent run with a child per stage and layer
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
     exp = client.get_experiment_by_name("mmsae")
     parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = stage_runs(parents[0].info.run_id, uri=summary["tracking_uri"])
-    assert {"toyworld", "cache", "train", "mine", "explain", "score", "steer", "report"} <= set(children)
+    assert "toyworld" in stage_runs(parents[0].info.run_id, uri=summary["tracking_uri"])
     job_id = parents[0].data.tags["kfp.job_id"]
-    for stage in ("cache", "train", "mine", "explain", "score", "steer", "report"):
-        tags = client.get_run(children[stage]).data.tags
-        assert tags["mmsae.layer"] == "-2" and tags["kfp.job_id"] == job_id, stage
-    # one layer's outputs under its own folder
-    assert client.get_run(children["train"]).data.params["train.out"] == str(tmp_path / "demo/work/layers/-2/train")
+    for stage in ("cache", "train", "mine", "explain", "score", "attribute", "steer", "report"):
+        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mmsae.stage` = '{stage}'")
+        assert sorted(r.data.tags["mmsae.layer"] for r in runs) == ["0", "1"], stage
+        assert {r.data.tags["kfp.job_id"] for r in runs} == {job_id}, stage
+        assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}, stage
+    # each layer's outputs under its own folder
+    trains = client.search_runs([exp.experiment_id], filter_string="tags.`mmsae.stage` = 'train'")
+    assert {r.data.params["train.out"] for r in trains} == {str(tmp_path / f"demo/work/layers/{n}/train") for n in (0, 1)}
 
     # a recurring retrain run finds every configured layer current and ends at once
     from kfp import local
@@ -82,12 +89,12 @@ def test_whole_dag_runs_locally_and_records_every_step(tmp_path, monkeypatch):
 
     text = (tmp_path / "demo" / "config.yaml").read_text()
     cfg = load_config(tmp_path / "demo" / "config.yaml")
-    assert finished_sae_in_mlflow(cfg, -2) == str(tmp_path / "demo/work/layers/-2/train")
-    assert finished_sae_in_mlflow(cfg, 0) is None
+    assert finished_sae_in_mlflow(cfg, 1) == str(tmp_path / "demo/work/layers/1/train")
+    assert finished_sae_in_mlflow(cfg, -1) is None
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "retrain"))
     retrain_layer(config_yaml=text, run_name="retrain")
     trains = client.search_runs([exp.experiment_id], filter_string="tags.`mmsae.stage` = 'train'")
-    assert len(trains) == 1  # nothing retrained
+    assert len(trains) == 2  # nothing retrained
     retrains = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mmsae.pipeline") == "retrain"]
     assert len(retrains) == 1 and retrains[0].info.status == "FINISHED"
 

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from kfp import compiler
 
-LAYER_STEPS = {"layer-config", "cache", "train", "mine", "explain", "score", "steer", "report"}
-GPU_STEPS = {"cache", "train", "mine", "steer"}
+LAYER_STEPS = {"layer-config", "cache", "train", "mine", "explain", "score", "attribute", "steer", "report"}
+GPU_STEPS = {"cache", "train", "mine", "attribute", "steer"}
 SECRET_VALUES = {"AWS_SECRET_ACCESS_KEY": "s3-secret-value-do-not-leak",
                  "AWS_ACCESS_KEY_ID": "s3-key-id-do-not-leak",
                  "OPENAI_API_KEY": "sk-explainer-key-do-not-leak"}
@@ -78,7 +78,8 @@ def test_every_stage_is_present_in_order(compiled):
     assert {"cache", "layer-config"} <= after["train"]
     assert {"train", "cache"} <= after["mine"]
     assert "mine" in after["explain"] and "explain" in after["score"]
-    assert "score" in after["steer"] and {"score", "steer"} <= after["report"]
+    assert after["attribute"] == {"layer-config", "mine"}
+    assert {"score", "explain", "attribute"} <= after["steer"] and {"score", "steer", "attribute"} <= after["report"]
     for step in LAYER_STEPS - {"layer-config"}:  # every step of the layer runs under the layer's own config
         source = steps[step]["inputs"]["parameters"]["config_yaml"]["taskOutputParameter"]
         assert source["producerTask"] == "layer-config", step
@@ -163,8 +164,28 @@ def test_without_compile_settings_nothing_is_mounted_but_gpu_tasks_keep_their_de
     for key in COMPILE_ENV:
         monkeypatch.delenv(key, raising=False)
     _, spec, platform = compile_pipeline("sae_interp", tmp_path / "p.yaml", {}, monkeypatch)
-    assert set(platform) == {"exec-cache", "exec-train", "exec-mine", "exec-steer"}
+    assert set(platform) == {"exec-cache", "exec-train", "exec-mine", "exec-attribute", "exec-steer"}
     for k8s in platform.values():
         assert set(k8s) == {"tolerations", "emptyDirMounts"}
     train = executor(spec, layer_dag("sae_interp", spec)["train"])
     assert train["resources"]["accelerator"]["resourceCount"] == "1"
+
+
+def test_the_train_step_hands_its_settings_to_a_trainjob_and_keeps_them_itself(compiled):
+    name, _, spec, platform = compiled
+    steps = layer_dag(name, spec)
+    train = steps["train"]
+    component = spec["components"][train["componentRef"]["name"]]
+    passed = {each["field"]: each.get("applyToTask", False) for each in component["taskConfigPassthroughs"]}
+    assert passed == {field: True for field in ("RESOURCES", "ENV", "KUBERNETES_TOLERATIONS",
+                                                "KUBERNETES_NODE_SELECTOR", "KUBERNETES_AFFINITY",
+                                                "KUBERNETES_VOLUMES")}
+    assert component["inputDefinitions"]["parameters"]["task_config"] == {"isOptional": True,
+                                                                          "parameterType": "TASK_CONFIG"}
+    assert "task_config" not in train["inputs"]["parameters"]  # KFP fills it in at run time
+    container = executor(spec, train)
+    assert {"name": "MMSAE_TRAIN_IMAGE", "value": container["image"]} in container["env"]  # the TrainJob's image
+    label = component["executorLabel"]
+    assert platform[label]["tolerations"] and platform[label]["nodeSelector"]  # still the step's own too
+    for step in set(steps) - {"train"}:
+        assert "taskConfigPassthroughs" not in spec["components"][steps[step]["componentRef"]["name"]], step

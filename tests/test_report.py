@@ -14,7 +14,7 @@ from safetensors.numpy import save as save_safetensors
 from mmsae import storage
 from mmsae.config import ReportConfig, RunConfig
 from mmsae.stages import report
-from mmsae.stages._base import StageOutputs
+from mmsae.stages._base import StageOutputs, read_summaries, record_summary
 
 # ---------------------------------------------------------------------------------------------------
 # a hand-made top-examples artifact (the format the mine stage writes)
@@ -371,12 +371,15 @@ def test_sort_keys_and_script_are_present_and_allowed_by_the_page_policy(run_cfg
 
 
 def test_headline_figures_come_from_the_step_summaries(run_cfg):
-    storage.write_json(storage.join(run_cfg.run.workdir, "summary", "train.json"), {"heldout_fvu_image": 0.1234567})
+    layer = run_cfg.cache.layers[0]  # the report's layer: it shows that layer's steps and the run-wide ones
+    record_summary(run_cfg.run.workdir, "train", {"heldout_fvu_image": 0.1234567}, layer)
+    record_summary(run_cfg.run.workdir, "cache", {"images": 7}, layer + 1)  # another layer's: not shown
     doc, _, out = render(run_cfg)
     cards = {c.attrs["data-step"]: c.text() for c in doc.find("section", id="headline").find_all("div", **{"class": "card"})}
     assert "heldout_fvu_image" in cards["train"] and "0.1235" in cards["train"]
     assert "mined_features" in cards["mine"]  # the mine figures from the artifact's manifest
-    summary = storage.read_json(storage.join(run_cfg.run.workdir, "summary", "report.json"))
+    assert "cache" not in cards
+    summary = read_summaries(run_cfg.run.workdir, layer)["report"]
     assert summary["index"] == out.uris["index"] and summary["features"] == len(FEATURES)
     doc, _, _ = render(run_cfg)  # a second report does not list the first as a headline step
     assert "report" not in {c.attrs["data-step"] for c in doc.find_all("div", **{"class": "card"})}
@@ -521,7 +524,7 @@ def test_report_reads_and_writes_s3(s3_env, run_cfg, tmp_path):
     assert data_images(section(doc, 20)) == [heatmap_png(20, 0, "overlay")]
     assert section(doc, 20).find("span", **{"class": "text"}).text() == "things of kind 20"
     storage.verify_artifact(out.uri, kind="report")
-    assert storage.read_json(f"{s3_env}/work/summary/report.json")["index"] == out.uris["index"]
+    assert read_summaries(f"{s3_env}/work", run_cfg.cache.layers[0])["report"]["index"] == out.uris["index"]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from test_report import (
     top_images,
     write_jsonl,
 )
+from test_report_steer_attribute import FILE_SUCCESS, make_attributions, make_steering
 
 from mmsae.config import RunConfig
 from mmsae.stages import report
@@ -40,7 +41,8 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's ch
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory) -> Path:
-    """A report with explanations (one hostile), two scorers and steering results."""
+    """A report with explanations (one hostile), two scorers, a steering artifact (one output hostile) and an
+    attributions artifact (one prompt hostile)."""
     t = tmp_path_factory.mktemp("browser")
     cfg = RunConfig()
     cfg.run.workdir = str(t / "work")
@@ -51,10 +53,8 @@ def page(tmp_path_factory) -> Path:
     expl[0]["explanation"] = XSS
     scores = [{"feature": f, "scorer": s, "score": ((f * 7) % 10) / 10, "details": {"images": 8}}
               for f in FEATURES for s in ("iou", "clip")]
-    steering = [{"feature": 3, "strength": 4.0, "prompt": "Describe the image.", "baseline_output": "a square",
-                 "steered_output": "a red square", "metrics": {"concept_rate": 0.75}}]
     out = report.run(cfg, explanations=write_jsonl(t / "e.jsonl", expl), scores=write_jsonl(t / "s.jsonl", scores),
-                     steering=write_jsonl(t / "st.jsonl", steering))
+                     steering=make_steering(t / "steer", hostile=True), attributions=make_attributions(t / "attribute"))
     return Path(out.uris["index"])
 
 
@@ -171,3 +171,23 @@ def test_search_shows_only_the_matching_features(page, tmp_path):
     # shows them all again
     assert results == [["41", "1 of 5 features"], ["3", "1 of 5 features"], ["", "0 of 5 features"],
                        [everyone, ""]]
+
+
+def test_dose_response_plots_and_attribution_heatmaps_are_drawn(page, tmp_path):
+    probe = (
+        "window.addEventListener('load', function () {"
+        " var dots = Array.prototype.map.call("
+        "   document.querySelectorAll('#f-000012 .dose-plot g[data-series=\"feature\"] circle'),"
+        "   function (c) { var r = c.getBoundingClientRect(); return r.width > 0 ? Math.round(r.top) : -1; });"
+        " var imgs = Array.prototype.map.call(document.querySelectorAll('#attributions img'),"
+        "   function (i) { return i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().width > 0; });"
+        " document.body.setAttribute('data-dots', dots.join(','));"
+        " document.body.setAttribute('data-drawn', imgs.join(',')); });"
+    )
+    body = parse(run_in_page(tmp_path, page, probe)).find("body")
+    tops = [int(y) for y in body.attrs["data-dots"].split(",")]
+    assert len(tops) == len(FILE_SUCCESS[12]) and min(tops) >= 0
+    assert tops == sorted(tops, reverse=True) and len(set(tops)) == len(tops)  # rising success, drawn higher
+    drawn = body.attrs["data-drawn"].split(",")
+    assert len(drawn) == 3 + 2 + 2 and set(drawn) == {"true"}  # each example's total map and its top features'
+    assert "data-pwned" not in body.attrs

@@ -142,3 +142,25 @@ def test_toyworld_of_another_seed_is_refused_then_rebuilt_on_overwrite(tmp_path,
     rebuilt = toyworld.run(cfg)
     assert storage.read_manifest(rebuilt.uri).config["seed"] == 1
     assert storage.read_manifest(rebuilt.uris["lmm"]).config["toyworld"]["seed"] == 1
+
+
+def test_summaries_of_a_layer_stage_go_under_its_layer_and_run_wide_ones_stay_apart(tmp_path):
+    from mmsae.stages._base import read_layer_summaries, read_summaries, stage_context
+
+    def finish(layers: list, step: str, value: int, per_layer: bool = True) -> None:
+        cfg = RunConfig.model_validate({"run": {"workdir": str(tmp_path)}, "tracking": {"enabled": False},
+                                        "cache": {"layers": layers}})
+        with stage_context(cfg, step, {}, per_layer=per_layer) as ctx:
+            ctx.finish({"value": value})
+
+    finish([0, 1], "toyworld", 1, per_layer=False)
+    finish([0], "train", 10)
+    finish([1], "train", 11)
+    finish(["model.layers.3"], "train", 12)
+    finish([0, 1], "cache", 2)  # a stage over several layers at once is run-wide
+    assert read_summaries(str(tmp_path)) == {"toyworld": {"value": 1}, "cache": {"value": 2}}
+    assert read_summaries(str(tmp_path), 1)["train"] == {"value": 11}
+    assert read_summaries(str(tmp_path), 0) == {"toyworld": {"value": 1}, "cache": {"value": 2}, "train": {"value": 10}}
+    layers = read_layer_summaries(str(tmp_path))
+    assert layers == {"0": {"train": {"value": 10}}, "1": {"train": {"value": 11}},
+                      "model.layers.3": {"train": {"value": 12}}}

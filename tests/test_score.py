@@ -523,7 +523,7 @@ def test_the_stage_scores_planted_features_far_above_their_random_baselines(plan
     manifest = storage.read_manifest(out.uri, kind=score.KIND)
     assert manifest.extra["skipped_scorers"] == {"clip": "score.clip_model is not set"}
     assert manifest.extra["scorers"]["iou"]["backend"] == "planted_masks"
-    assert Path(tmp_path, "work", "summary", "score.json").is_file()
+    assert Path(tmp_path, "work", "summary", "layers", "-2", "score.json").is_file()  # the config's one layer
     storage.verify_artifact(out.uri, kind=score.KIND)
     from mmsae.stages.report import read_jsonl
 

@@ -394,7 +394,7 @@ def test_no_heldout_image_gives_no_heldout_figures_and_says_why(tmp_path, caplog
     assert any("26 images" in w and "0.01" in w for w in warnings), warnings
     metrics = tracking.metric_values(figures)
     assert "heldout" not in metrics and metrics["heldout_tokens_image"] == 0.0
-    summary = (tmp_path / "work" / "summary" / "train.json").read_text()
+    summary = (tmp_path / "work" / "summary" / "layers" / "-2" / "train.json").read_text()  # the config's one layer
     assert json.loads(summary) == figures and "NaN" not in summary
 
 

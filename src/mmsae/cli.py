@@ -336,21 +336,25 @@ def report(
     top_examples: Annotated[str | None, typer.Option(help="Top-examples URI (overrides report.top_examples).")] = None,
     explanations: Annotated[str | None, typer.Option(help="Explanations JSONL or folder.")] = None,
     scores: Annotated[str | None, typer.Option(help="Scores JSONL or folder.")] = None,
-    steering: Annotated[str | None, typer.Option(help="Steering JSONL or folder.")] = None,
+    steering: Annotated[str | None, typer.Option(help="Steering artifact folder or JSONL.")] = None,
+    attributions: Annotated[str | None, typer.Option(
+        help="Attributions artifact folder (overrides report.attributions).")] = None,
     out: Annotated[str | None, typer.Option(help="Output folder (overrides report.out).")] = None,
 ) -> None:
     """Render the run's dashboard: one self-contained HTML page.
 
     Reads the top-examples artifact of the mine stage (default RUN.WORKDIR/mine), the run's step summaries
-    and, when given, explanations, scores and steering results (JSONL). Writes OUT/index.html (default
-    RUN.WORKDIR/report) with a manifest, and logs the page to MLflow.
+    and, when given, explanations, scores and steering results (JSONL; a steering artifact's dose-response
+    too) and an attributions artifact (the attribute stage's examples and heat maps). Writes OUT/index.html
+    (default RUN.WORKDIR/report) with a manifest, and logs the page to MLflow.
     """
     from mmsae.stages import report as stage
 
     cfg = _config(config, set_)
     if out:
         cfg.report.out = out
-    result = stage.run(cfg, top_examples=top_examples, explanations=explanations, scores=scores, steering=steering)
+    result = stage.run(cfg, top_examples=top_examples, explanations=explanations, scores=scores, steering=steering,
+                       attributions=attributions)
     typer.echo(storage.json_text({"report": result.uris["index"], **result.figures}, indent=2))
 
 
@@ -381,7 +385,7 @@ def demo(
 ) -> None:
     """Run the whole pipeline on this machine (kfp.local) on the toy world.
 
-    Reads the run config (default: the built-in demo profile, src/mmsae/profiles/demo.yaml). Writes OUT/work (artifacts), OUT/mlflow.db (tracking), OUT/summary.json (each step's figures).
+    Reads the run config (default: the built-in demo profile, src/mmsae/profiles/demo.yaml). Writes OUT/work (artifacts), OUT/mlflow.db (tracking), OUT/summary.json (each step's figures, per layer).
     """
     from mmsae.demo import DEMO_PROFILE, run_demo
 
@@ -389,9 +393,10 @@ def demo(
     typer.echo(storage.json_text(summary, indent=2, sort_keys=True))
     typer.echo(f"summary: {Path(out).resolve() / 'summary.json'}")
     typer.echo(f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}")
-    index = summary["steps"].get("report", {}).get("index")
-    if index:
-        typer.echo(f"dashboard: {index}")
+    for layer, steps in summary["layers"].items():
+        index = steps.get("report", {}).get("index")
+        if index:
+            typer.echo(f"dashboard of layer {layer}: {index}")
 
 
 EndpointOpt = Annotated[

@@ -250,6 +250,23 @@ class TrainConfig(SeededSection):
     """Seed of initialisation, data order and the held-out split; default run.seed."""
     cpu_shm_comm: bool = False
     """On the CPU, build DeepSpeed's shared-memory collective op (a C++ compile, done once)."""
+    gpus_per_node: int = Field(0, ge=0)
+    """Pipeline step: ranks started on each node, one per GPU; 0: every GPU the step sees (in a TrainJob, the
+    step's GPU request). More than one: the step starts them with torchrun in its pod; one: in-process. Set
+    on a machine without GPUs, it starts that many CPU ranks."""
+    nodes: int = Field(1, ge=1)
+    """Pipeline step: nodes to train on. More than one: the step runs the training as a Kubeflow Trainer
+    TrainJob of this many nodes (with the step's resources, tolerations, node selector and env) and waits
+    for it; its outputs must then be on shared storage (s3://)."""
+    job_runtime: str = "torch-distributed"
+    """nodes > 1: the ClusterTrainingRuntime the TrainJob runs under (a torchrun runtime, which sets
+    PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT)."""
+    job_namespace: str = ""
+    """nodes > 1: namespace of the TrainJob; empty: the step's own."""
+    job_overrides: Literal["podTemplateOverrides", "podSpecOverrides", "runtimePatches"] = "podTemplateOverrides"
+    """nodes > 1: the TrainJob field that carries the nodes' tolerations, node selector, affinity and volumes,
+    whose name depends on the Trainer release (`kubectl explain trainjob.spec` lists the one it knows); a
+    field the cluster does not know is refused when the TrainJob is created."""
 
     @model_validator(mode="after")
     def _clip_alone(self) -> TrainConfig:
@@ -527,7 +544,13 @@ class ReportConfig(Section):
     scores: str = ""
     """Scores JSONL (a .jsonl file or an artifact folder holding one); empty: none shown."""
     steering: str = ""
-    """Steering-results JSONL (a .jsonl file or an artifact folder holding one); empty: none shown."""
+    """Steering results: the steer stage's artifact folder (its rows, and each feature's dose-response from
+    dose_response.json or, when absent, computed from the rows) or a steering .jsonl file; empty: none shown."""
+    attributions: str = ""
+    """Attributions artifact URI (the attribute stage's output folder); empty: no Attributions section."""
+    attribution_examples: int = Field(24, ge=0)
+    """Most attributed examples shown in the Attributions section (in the artifact's order), each with its prompt,
+    answer and heat maps; a feature's card lists every example it is a top feature of."""
     out: str = ""
     """Output folder (local path or s3:// URI) for index.html; default RUN.WORKDIR/report."""
     title: str = ""

@@ -8,8 +8,9 @@ every mined feature, sorted by image frequency (then max activation; features th
 a search box over ids, explanations and promoted tokens; and, for ``report.max_detail_features`` of them, a
 section with statistics, an activation histogram, the tokens the feature's decoder direction promotes and
 suppresses, explanations, top-image heat maps (thumbnails, ``mmsae.dashboard_images``; click one to see
-it at twice the size), quantile and random samples, scores beside their random baselines, and steering
-results.
+it at twice the size), quantile and random samples, scores beside their random baselines, steering results
+with the feature's dose-response (``mmsae.dashboard_steering``) and the attributed examples it is a top
+feature of; and an Attributions section of the attribute stage's examples (``mmsae.dashboard_attributions``).
 
 The page needs no network: images are ``data:`` URIs, the CSS and the one script (sorting, search) inline,
 and a Content-Security-Policy allows only that script, by hash. All text goes through Jinja2's autoescape.
@@ -37,7 +38,10 @@ from markupsafe import Markup
 
 from mmsae import dashboard_figures, storage
 from mmsae.config import ReportConfig
+from mmsae.dashboard_attributions import AttributionRecords, attributed_in, attributions_view
+from mmsae.dashboard_figures import finite_number
 from mmsae.dashboard_images import thumbnail
+from mmsae.dashboard_steering import SteeringExtras, dose_curves, dose_view
 from mmsae.examples import TopExamplesError
 
 log = logging.getLogger(__name__)
@@ -76,12 +80,12 @@ class _Feature:
     steering: list[dict[str, Any]] = field(default_factory=list)
 
     def score_of(self, scorer: str) -> float | None:
-        vals = [_number(s.get("score")) for s in self.scores if str(s.get("scorer")) == scorer]
+        vals = [finite_number(s.get("score")) for s in self.scores if str(s.get("scorer")) == scorer]
         vals = [v for v in vals if v is not None]
         return sum(vals) / len(vals) if vals else None
 
     def mean_score(self) -> float | None:
-        vals = [v for v in (_number(s.get("score")) for s in self.scores) if v is not None]
+        vals = [v for v in (finite_number(s.get("score")) for s in self.scores) if v is not None]
         return sum(vals) / len(vals) if vals else None
 
 
@@ -92,8 +96,11 @@ def render_report(
     scores: Sequence[Mapping[str, Any]] | None = None,
     steering: Sequence[Mapping[str, Any]] | None = None,
     summaries: Mapping[str, Mapping[str, Any]] | None = None,
+    steering_extras: SteeringExtras | None = None,
+    attributions: AttributionRecords | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """The dashboard page for a top-examples reader and the optional later-stage records; also its figures."""
+    """The dashboard page for a top-examples reader and the optional later-stage records (``steering_extras``:
+    the steering artifact's dose-response and random baseline); also its figures."""
     feats = [_feature(rec) for rec in examples.features()]
     _attach_records(feats, {"explanations": explanations, "scores": scores, "steering": steering})
     baselines = [dict(rec) for rec in scores or () if _feature_id(rec.get("feature")) is None]
@@ -103,7 +110,13 @@ def render_report(
     detailed = _choose_detailed(feats, r, selected)
     detailed_ids = {f.feature for f in detailed}
     columns, rows = _index(feats, detailed_ids, _scorers(scores or ()), bool(explanations), baseline_of)
-    details = _details(examples, detailed, r, baseline_of)
+    curves = dose_curves(steering or (), steering_extras)
+    attribution = attributions_view(attributions, r.attribution_examples, r.image_width, detailed_ids,
+                                     {f.feature: _primary_explanation(f) for f in feats})
+    shown_examples = {e["example"] for e in attribution["examples"]} if attribution else set()
+    cards = {"curves": curves, "unit": steering_extras.unit if steering_extras else "",
+             "attributed": attributed_in(attributions, shown_examples)}
+    details = _details(examples, detailed, r, baseline_of, cards)
     headline = dashboard_figures.headline(_headline_summaries(summaries, extra))
     shown = {key for card in headline for row in card["rows"]
              for key in (row["key"], row["baseline"] and row["baseline"]["key"]) if key}
@@ -114,7 +127,7 @@ def render_report(
     page = _template().render(
         title=r.title or "mmsae report", meta=_meta(examples, r, extra), headline=headline,
         baselines=[_score_view(b, {}) for b in baselines], columns=columns, rows=rows, n_detailed=len(details),
-        features=details, has_explanations=bool(explanations), image_width=r.image_width,
+        features=details, has_explanations=bool(explanations), image_width=r.image_width, attribution=attribution,
         ground_truth=_ground_truth_view(examples, detailed_ids, shown), default_sort=DEFAULT_SORT,
         css=Markup(_resource(_CSS)), js=Markup(js), csp=csp, version=_version(),
     )
@@ -125,6 +138,8 @@ def render_report(
         "explained_features": sum(1 for f in feats if any(e.get("status", "ok") == "ok" for e in f.explanations)),
         "scored_features": sum(1 for f in feats if f.scores),
         "steered_features": sum(1 for f in feats if f.steering),
+        "dose_response_features": sum(1 for d in details if d["dose"]),
+        "attributed_examples": attribution["shown"] if attribution else 0,
     }
     return page, figures
 
@@ -251,10 +266,11 @@ def _choose_detailed(feats: list[_Feature], r: ReportConfig, selected: set[int])
     return sorted(chosen, key=lambda f: f.feature)
 
 
-def _details(examples, detailed: list[_Feature], r: ReportConfig, baseline_of: Mapping[str, str]
-             ) -> list[dict[str, Any]]:
-    """The detail sections; the heat maps are read and cut to thumbnails in parallel (Pillow and the
-    checksums release the GIL)."""
+def _details(examples, detailed: list[_Feature], r: ReportConfig, baseline_of: Mapping[str, str],
+             cards: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The detail sections (``cards``: the dose-response curves, their strength unit, the attributed examples
+    per feature); the heat maps are read and cut to thumbnails in parallel (Pillow and the checksums release
+    the GIL)."""
     kinds = ["overlay", "masked"] if r.heatmap == "both" else [r.heatmap]
     jobs = [(f.feature, image_idx, kind) for f in detailed for image_idx, _ in f.top[: r.images_per_feature]
             for kind in kinds]
@@ -266,11 +282,11 @@ def _details(examples, detailed: list[_Feature], r: ReportConfig, baseline_of: M
 
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         thumbs = dict(zip(jobs, pool.map(one, jobs), strict=True))
-    return [_feature_view(f, r, kinds, thumbs, baseline_of) for f in detailed]
+    return [_feature_view(f, r, kinds, thumbs, baseline_of, cards) for f in detailed]
 
 
 def _feature_view(f: _Feature, r: ReportConfig, kinds: list[str], thumbs: Mapping[tuple[int, int, str], Any],
-                  baseline_of: Mapping[str, str]) -> dict[str, Any]:
+                  baseline_of: Mapping[str, str], cards: Mapping[str, Any]) -> dict[str, Any]:
     images = [{"rank": rank + 1, "image_idx": image_idx, "score": _fmt(score),
                "pictures": [{"kind": kind, "thumb": thumbs[(f.feature, image_idx, kind)]} for kind in kinds]}
               for rank, (image_idx, score) in enumerate(f.top[: r.images_per_feature])]
@@ -290,6 +306,8 @@ def _feature_view(f: _Feature, r: ReportConfig, kinds: list[str], thumbs: Mappin
         "scores": [_score_view(s, baseline_of) for s in f.scores],
         "has_baselines": any(str(s.get("scorer")) in baseline_of for s in f.scores),
         "steering": [_steering_view(s) for s in f.steering],
+        "dose": dose_view(f.feature, cards["curves"].get(f.feature), cards["unit"]) if f.steering else None,
+        "attributed": cards["attributed"].get(f.feature, []),
     }
 
 
@@ -315,7 +333,7 @@ def _histogram_view(counts: Sequence[int], upper: float) -> dict[str, Any] | Non
 
 
 def _token_view(t: Mapping[str, Any]) -> dict[str, str]:
-    return {"token": str(t.get("token", "")), "logit": _fmt(_number(t.get("logit")))}
+    return {"token": str(t.get("token", "")), "logit": _fmt(finite_number(t.get("logit")))}
 
 
 def _ground_truth_view(examples, detailed_ids: set[int], headline_keys: set[str]) -> list[dict[str, Any]]:
@@ -352,7 +370,7 @@ def _ground_truth_cell(column: str, value: Any, detailed_ids: set[int]) -> dict[
 
 def _explanation_view(e: Mapping[str, Any]) -> dict[str, Any]:
     model = _first(e, "explainer_model", "explainer", "model")
-    latency = _number(_first(e, "latency_s", "latency"))
+    latency = finite_number(_first(e, "latency_s", "latency"))
     return {
         "explanation": _text(e.get("explanation")) or "(no explanation)",
         "status": _slug(str(e.get("status") or "ok")),
@@ -416,11 +434,11 @@ def _feature(rec: Any) -> _Feature:
     quantiles = [(int(_get(q, "image_idx")), float(_get(q, "score")), int(_get(q, "quantile", 0)))
                  for q in _get(rec, "quantiles", []) or []]
     return _Feature(
-        feature=fid, frequency=_number(_get(rec, "frequency")), image_frequency=_number(_get(rec, "image_frequency")),
-        max_activation=_number(_get(rec, "max_activation")), mean_activation=_number(_get(rec, "mean_activation")),
+        feature=fid, frequency=finite_number(_get(rec, "frequency")), image_frequency=finite_number(_get(rec, "image_frequency")),
+        max_activation=finite_number(_get(rec, "max_activation")), mean_activation=finite_number(_get(rec, "mean_activation")),
         top=top, quantiles=quantiles, negatives=[int(n) for n in _get(rec, "negatives", []) or []],
         histogram=[int(c) for c in _get(rec, "histogram", []) or []],
-        histogram_upper=_number(_get(rec, "histogram_upper")) or 0.0,
+        histogram_upper=finite_number(_get(rec, "histogram_upper")) or 0.0,
         promoted=list(_get(rec, "promoted", []) or []), suppressed=list(_get(rec, "suppressed", []) or []),
     )
 
@@ -461,16 +479,6 @@ def _feature_id(value: Any) -> int | None:
     if isinstance(value, str) and re.fullmatch(r"\d+", value):
         return int(value)
     return None
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def _text(value: Any) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from mmsae import tracking
 
-STEP_ORDER = ("toyworld", "cache", "train", "mine", "explain", "score", "steer")
+STEP_ORDER = ("toyworld", "cache", "train", "mine", "explain", "score", "steer", "attribute")
 """Steps in pipeline order (others follow by name)."""
 
 
@@ -125,6 +125,44 @@ FIGURES: dict[str, Figure] = {
     "score/{kind}_features": Figure("features scored ({kind})", "count", "explanations this scorer scored"),
     "score/{kind}_skipped": Figure("features not scored ({kind})", "count", "explanations this scorer could not "
                                    "score (no image, no mask, a failed answer)"),
+    "steer/features_steered": Figure("features steered", "count", "features clamped while the LMM generated"),
+    "steer/features_with_concept": Figure("features with a concept", "count", "steered features with concept words "
+                                          "to judge their outputs by (a planted concept or an explanation)"),
+    "steer/generations": Figure("generations", "count", "steered outputs, the random baseline's included"),
+    "steer/generations_per_s": Figure("throughput", "generations/s", "steered outputs generated per second"),
+    "steer/success_best": Figure("steering success at the best strength", "", "share of prompts whose output newly "
+                                 "names the feature's concept, at each feature's best strength, mean over features",
+                                 baseline="success_best_random"),
+    "steer/success_best_random": Figure("steering success of a random feature", "",
+                                        "the same for a random feature at those strengths"),
+    "steer/features_success_over_half": Figure("features steered to their concept", "", "share of features whose "
+                                               "best strength succeeds on more than half the prompts"),
+    "steer/kl_at_best": Figure("KL of the first token at the best strength", "nats",
+                               "KL(steered || unsteered) of the first generated token, mean over features"),
+    "steer/perplexity_at_best": Figure("steered perplexity at the best strength", "", "perplexity of the steered "
+                                       "outputs under the unsteered model (fluency), mean over features",
+                                       baseline="baseline_perplexity", baseline_label="unsteered"),
+    "steer/baseline_perplexity": Figure("unsteered perplexity", "", "perplexity of the unsteered outputs"),
+    "attribute/examples": Figure("examples attributed", "count", "prompts whose answer token was attributed to "
+                                 "every feature at every position"),
+    "attribute/metric_mean": Figure("mean logit difference", "logits", "logit(answer) - logit(baseline) at the "
+                                    "last position, mean over examples"),
+    "attribute/error_share": Figure("share of the SAE's error", "", "|error| / (|error| + |features|) of the summed "
+                                    "attributions, mean over examples (0: the features account for all of it)"),
+    "attribute/active_features_mean": Figure("active features per example", "",
+                                             "features active at the attributed tokens, mean over examples"),
+    "attribute/concept_examples": Figure("examples with a planted answer", "count",
+                                         "examples whose answer is a planted concept's word (toy world)"),
+    "attribute/top_is_matched": Figure("top feature is the concept's match", "", "share of those examples whose top "
+                                       "attributed feature is the mine stage's match for the answer's concept",
+                                       baseline="top_is_matched_random", baseline_label="random active feature"),
+    "attribute/top_is_matched_random": Figure("a random active feature is the concept's match", "",
+                                              "the same for a feature drawn among those active on the example"),
+    "attribute/top_is_concept": Figure("top feature stands for the concept", "", "share of those examples whose top "
+                                       "attributed feature's top images mostly (at least 80 %) hold the concept",
+                                       baseline="top_is_concept_random", baseline_label="random active feature"),
+    "attribute/top_is_concept_random": Figure("a random active feature stands for the concept", "",
+                                              "the same for a feature drawn among those active on the example"),
     "gt_topk_precision_{kind}": Figure("top-K precision, {kind}", "", "the same, over {kind} concepts", group=_GT),
     "gt_iou_{kind}": Figure("IoU, {kind}", "", "the same, over {kind} concepts", group=_GT),
     "gt_f1_{kind}": Figure("detection F1, {kind}", "", "the same, over {kind} concepts", group=_GT),
@@ -213,6 +251,24 @@ def format_value(value: Any, unit: str) -> str:
         return f"{int(value):,}"
     text = number(value)
     return f"{text} %" if unit == "%" else f"{text} {unit}" if unit else text
+
+
+def finite_number(value: Any, booleans: bool = False) -> float | None:
+    """A record's value as a finite float (numbers and numeric strings; booleans as 0 and 1 only when
+    ``booleans``), else None."""
+    if value is None or (isinstance(value, bool) and not booleans):
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def whole_number(value: Any) -> int | None:
+    """A record's value as an int when it is a whole finite number (not a boolean), else None."""
+    x = finite_number(value)
+    return int(x) if x is not None and x.is_integer() else None
 
 
 def number(value: float | int) -> str:

@@ -2,7 +2,7 @@
 
 Writes under ``out``: ``work/`` (every stage's artifacts), ``kfp/`` (the local pipeline root),
 ``mlflow.db`` + ``mlartifacts/`` (tracking), ``config.yaml`` (the run config) and ``summary.json``
-(each step's headline figures).
+(each step's headline figures: ``steps`` the run-wide ones, ``layers`` each layer's by step).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def run_demo(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     from kfp import local
 
     from mmsae.pipelines.sae_interp import sae_interp
-    from mmsae.stages._base import read_summaries
+    from mmsae.stages._base import read_layer_summaries, read_summaries
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -51,6 +51,7 @@ def run_demo(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         "workdir": cfg.run.workdir,
         "tracking_uri": cfg.tracking.uri,
         "steps": read_summaries(cfg.run.workdir),
+        "layers": read_layer_summaries(cfg.run.workdir),
     }
     (out / "summary.json").write_text(storage.json_text(summary, indent=2, sort_keys=True))
     return summary

@@ -3,8 +3,9 @@
 - Where outputs go (:func:`resolve_uri`: the argument, else the config, else ``<run.workdir>/<step>``).
 - When an existing output is reused (:class:`OutputKey`, :func:`reusable_output`): one rule for every stage.
 - The stage's tracking context and summary (:func:`stage_context`, :meth:`StageContext.finish`): an MLflow
-  run per stage, the headline figures logged once and written to ``<workdir>/summary/<step>.json``, which
-  the demo gathers into one ``summary.json`` and the report reads.
+  run per stage, the headline figures logged once and written to ``<workdir>/summary/<step>.json`` (a
+  stage of one layer: ``<workdir>/summary/layers/<layer>/<step>.json``), which the demo gathers into one
+  ``summary.json`` and the report reads.
 - Device choice and distributed barriers (:func:`choose_device`, :meth:`StageContext.barrier`).
 - What a stage returns (:class:`StageOutputs`).
 
@@ -23,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +37,7 @@ from mmsae.config import RunConfig
 log = logging.getLogger(__name__)
 
 SUMMARY_DIR = "summary"
+LAYERS_DIR = "layers"
 KEY_FIELD = "output_key"
 """The manifest ``extra`` field that records the :class:`OutputKey` an artifact was made from."""
 
@@ -207,6 +210,8 @@ class StageContext:
     local_rank: int = 0
     last_step: int = 0
     """The highest progress step logged; the headline figures are logged at it (MLflow's latest value)."""
+    layer: str | None = None
+    """The one layer this stage run works on (its summary goes under that layer), None for run-wide work."""
 
     @property
     def is_main(self) -> bool:
@@ -235,48 +240,66 @@ class StageContext:
         if not self.is_main:
             return
         self.tracker.log_metrics(tracking.metric_values(figures), step=self.last_step)
-        record_summary(self.workdir, self.step, dict(figures))
+        record_summary(self.workdir, self.step, dict(figures), self.layer)
 
 
 @contextlib.contextmanager
 def stage_context(cfg: RunConfig, step: str, config: Mapping[str, Any], parent_run_id: str | None = None,
                   ranks: tuple[int, int, int] = (0, 1, 0), output: str | None = None,
-                  tags: Mapping[str, Any] | None = None) -> Iterator[StageContext]:
+                  tags: Mapping[str, Any] | None = None, per_layer: bool = True) -> Iterator[StageContext]:
     """The stage's MLflow run (rank 0 only; params from ``config``) and its :class:`StageContext`.
 
     ``output``, the stage's output URI, lets a stage resumed after a kill go on in the MLflow run the killed
-    process left RUNNING (`mmsae.tracking.stage_run`). The run is tagged ``mmsae.layer`` when the config
-    names exactly one layer (``cache.layers``), and with ``tags``.
+    process left RUNNING (`mmsae.tracking.stage_run`). A ``per_layer`` stage whose config names exactly one
+    layer (``cache.layers``) is tagged ``mmsae.layer`` and records its summary under that layer; every run is
+    tagged with ``tags``.
     """
     rank, world, local_rank = ranks
     layers = cfg.cache.layers
-    run_tags = {tracking.TAG_LAYER: layers[0]} if len(layers) == 1 else {}
+    layer = layers[0] if per_layer and len(layers) == 1 else None
+    run_tags = {tracking.TAG_LAYER: layer} if layer is not None else {}
     with tracking.stage_run(step, parent_run_id=parent_run_id, config=dict(config), uri=cfg.tracking.uri,
                             experiment=cfg.tracking.experiment, enabled=cfg.tracking.enabled and rank == 0,
                             output=output, tags={**run_tags, **(tags or {})}) as tracker:
-        yield StageContext(step, cfg.run.workdir, cfg.run.overwrite, tracker, rank, world, local_rank)
+        yield StageContext(step, cfg.run.workdir, cfg.run.overwrite, tracker, rank, world, local_rank,
+                           layer=None if layer is None else layer_slug(layer))
 
 
-def record_summary(workdir: str, step: str, figures: dict[str, Any]) -> str:
-    """Write a step's headline figures (atomically) and return the URI written."""
-    uri = storage.join(workdir, SUMMARY_DIR, f"{step}.json")
+def layer_slug(layer: Any) -> str:
+    """A layer (an index or a hook-point name) as a folder name."""
+    return re.sub(r"[^\w.\-]", "_", str(layer)) or "_"
+
+
+def _summary_folder(workdir: str, layer: int | str | None) -> str:
+    base = storage.join(workdir, SUMMARY_DIR)
+    return base if layer is None else storage.join(base, LAYERS_DIR, layer_slug(layer))
+
+
+def record_summary(workdir: str, step: str, figures: dict[str, Any], layer: int | str | None = None) -> str:
+    """Write a step's headline figures (atomically; under ``layer`` when given) and return the URI written."""
+    uri = storage.join(_summary_folder(workdir, layer), f"{step}.json")
     storage.write_json(uri, figures)
-    log.info("%s: %s", step, figures)
+    log.info("%s%s: %s", step, "" if layer is None else f" (layer {layer})", figures)
     return uri
 
 
-def read_summaries(workdir: str) -> dict[str, dict[str, Any]]:
-    """All steps' headline figures recorded under a workdir, keyed by step name."""
-    base = storage.join(workdir, SUMMARY_DIR)
-    try:
-        names = storage.list_files(base)
-    except FileNotFoundError:
-        return {}
-    out: dict[str, dict[str, Any]] = {}
-    for name in names:
-        if name.endswith(".json"):
-            out[name[: -len(".json")]] = storage.read_json(storage.join(base, name))
-    return out
+def read_summaries(workdir: str, layer: int | str | None = None) -> dict[str, dict[str, Any]]:
+    """The headline figures of the run-wide steps recorded under a workdir, keyed by step name; with
+    ``layer``, those of that layer's steps on top."""
+    out = _read_folder(_summary_folder(workdir, None))
+    return out if layer is None else {**out, **_read_folder(_summary_folder(workdir, layer))}
+
+
+def read_layer_summaries(workdir: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each layer's steps' headline figures recorded under a workdir: layer (as a folder name) -> step -> figures."""
+    base = storage.join(workdir, SUMMARY_DIR, LAYERS_DIR)
+    layers = sorted({name.split("/", 1)[0] for name in storage.list_files(base) if "/" in name})
+    return {layer: _read_folder(storage.join(base, layer)) for layer in layers}
+
+
+def _read_folder(base: str) -> dict[str, dict[str, Any]]:
+    return {name[: -len(".json")]: storage.read_json(storage.join(base, name))
+            for name in storage.list_files(base, recursive=False) if name.endswith(".json")}
 
 
 def model_prompt(model_uri: str) -> str:

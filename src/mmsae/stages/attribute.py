@@ -28,7 +28,8 @@ images captioned by the LMM with the shards' prompt, each cut before the first t
 ranks highest there among those its caption does not name (a concept it does not see, rather than the other
 object's).
 
-On the toy world the figures say whether the top attributed feature stands for the answer's planted concept:
+On the toy world the figures say whether the top attributed feature (of the examples where some feature's
+attribution is positive: ``concept_examples``) stands for the answer's planted concept:
 ``top_is_matched`` (it is the mine stage's match for that concept: top-K match or best detector) and
 ``top_is_concept`` (its top images mostly, at least `CONCEPT_PRECISION`, hold the concept), each beside the
 same share for a feature drawn at random among those active on the example (``_random``).
@@ -74,7 +75,7 @@ CONCEPT_PRECISION = 0.8
 DEFAULT_ANSWER_WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "white")
 """The toy world's colours: the automatic examples' answers when attribute.answer_words is empty."""
 
-__all__ = ["KIND", "MAPS_FILE", "RECORDS_FILE", "AttributionError", "run"]
+__all__ = ["KIND", "MAPS_FILE", "RECORDS_FILE", "AttributionError", "concept_share", "run"]
 
 
 def run(cfg: RunConfig, top_examples: str | None = None, parent_run_id: str | None = None) -> StageOutputs:
@@ -258,10 +259,12 @@ def _concept_figures(rows: list[dict[str, Any]], inputs: LmmInputs, truth: dict[
     rng = random.Random(seed)
 
     def precision(feature: int, concept: str) -> float:
-        tops = inputs.top.feature(feature).top_images
-        return sum(concept in mined_concepts[i] for i in tops) / len(tops) if tops else 0.0
+        return concept_share(inputs.top, mined_concepts, feature, concept)
 
-    scored = [r for r in rows if r["answer"] in concepts and r["top_features"] and r["active_features"]]
+    # an example whose features all attribute nothing positive (e.g. image tokens at the last layer) has no top
+    # feature: the highest of equal zeros would be arbitrary
+    scored = [r for r in rows if r["answer"] in concepts and r["top_features"] and r["active_features"]
+              and r["top_features"][0]["attribution"] > 0]
     out: dict[str, list[float]] = {"top_is_matched": [], "top_is_matched_random": [], "top_is_concept": [],
                                    "top_is_concept_random": []}
     for r in scored:
@@ -274,6 +277,13 @@ def _concept_figures(rows: list[dict[str, Any]], inputs: LmmInputs, truth: dict[
     figures: dict[str, Any] = {"concept_examples": len(scored)}
     figures.update({name: sum(v) / len(v) if v else None for name, v in out.items()})
     return figures
+
+
+def concept_share(top: Any, image_concepts: Sequence[Sequence[str]], feature: int, concept: str) -> float:
+    """The share of a feature's top images (``top``: top examples) that hold ``concept``, from each mined image's
+    concepts; 0 for a feature with no top image."""
+    tops = top.feature(feature).top_images
+    return sum(concept in image_concepts[i] for i in tops) / len(tops) if tops else 0.0
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,7 +5,11 @@ top images and their heat-map PNGs), the headline figures every step recorded un
 and, when given, the JSONL results of the later stages: explanations (``feature, explanation, status,
 explainer model, ...``), scores (``feature, scorer, score, details``; a line without a feature is a
 scorer's random baseline) and steering results (``feature, strength, prompt, baseline output, steered
-output, metrics``). Each of these may be named as a ``.jsonl`` file or as an artifact folder holding one.
+output, metrics``). Each of these may be named as a ``.jsonl`` file or as an artifact folder holding one. Of a
+steering artifact (the folder, or its ``steering.jsonl``) the report also reads ``dose_response.json`` and
+``random_baseline.jsonl`` for each feature's dose-response (computed from the rows when the file is absent). An
+attributions artifact (``report.attributions``, the attribute stage's folder) gives the Attributions section:
+``attributions.jsonl`` and the heat maps of its first ``report.attribution_examples`` examples.
 
 Writes to ``report.out`` (default ``<workdir>/report``): ``index.html`` and a manifest of kind ``report``
 (written last); logs the page to the stage's MLflow run and records its URI in ``<workdir>/summary/report.json``.
@@ -35,6 +39,8 @@ from typing import Any
 from mmsae import storage
 from mmsae.config import ReportConfig, RunConfig
 from mmsae.dashboard import ReportError, render_report
+from mmsae.dashboard_attributions import AttributionRecords, heatmap_name
+from mmsae.dashboard_steering import SteeringExtras
 from mmsae.examples import TopExamples
 from mmsae.stages._base import (
     KEY_FIELD,
@@ -55,8 +61,16 @@ FORMAT_VERSION = 1
 INDEX_NAME = "index.html"
 MINE_STEP = "mine"
 MLFLOW_ARTIFACT_DIR = "report"
+STEERING_KIND, STEERING_RECORDS = "steering", "steering.jsonl"
+STEERING_RANDOM, STEERING_DOSE = "random_baseline.jsonl", "dose_response.json"
+"""The steering artifact's kind and files (`mmsae.stages.steer`, not imported: it loads torch)."""
+ATTRIBUTIONS_KIND, ATTRIBUTIONS_RECORDS = "attributions", "attributions.jsonl"
+"""The attributions artifact's kind and records (`mmsae.stages.attribute`)."""
+INPUTS = ("top_examples", "explanations", "scores", "steering", "attributions")
+"""The report settings that name its input artifacts."""
 
-__all__ = ["ReportError", "open_top_examples", "read_jsonl", "render_report", "run"]
+__all__ = ["ReportError", "open_attributions", "open_top_examples", "read_jsonl", "read_steering_extras",
+           "render_report", "run"]
 
 
 def run(
@@ -65,6 +79,7 @@ def run(
     explanations: str | None = None,
     scores: str | None = None,
     steering: str | None = None,
+    attributions: str | None = None,
     parent_run_id: str | None = None,
 ) -> StageOutputs:
     """Render the run's dashboard; the URI arguments override the ``report`` section (the pipeline's inputs).
@@ -77,12 +92,13 @@ def run(
         "explanations": explanations or cfg.report.explanations,
         "scores": scores or cfg.report.scores,
         "steering": steering or cfg.report.steering,
+        "attributions": attributions or cfg.report.attributions,
         "out": resolve_uri(None, cfg.report.out, workdir, STEP),
         "title": cfg.report.title or f"mmsae report: {cfg.run.name}",
     })
     index_uri = storage.join(r.out, INDEX_NAME)
     with stage_context(cfg, STEP, {"report": r.model_dump(mode="json")}, parent_run_id, output=r.out) as ctx:
-        summaries = {k: v for k, v in read_summaries(workdir).items() if k != STEP}
+        summaries = {k: v for k, v in read_summaries(workdir, ctx.layer).items() if k != STEP}
         key = _output_key(r, summaries)
         sealed = reusable_output(r.out, KIND, key, overwrite=ctx.overwrite, setting="report.out")
         if sealed is not None:
@@ -97,12 +113,10 @@ def run(
 
 def _output_key(r: ReportConfig, summaries: dict[str, Any]) -> OutputKey:
     """The report's inputs: the artifacts it shows, and the other steps' headline figures (by their hash)."""
-    inputs = {name: uri for name, uri in (("top_examples", r.top_examples), ("explanations", r.explanations),
-                                          ("scores", r.scores), ("steering", r.steering)) if uri}
-    config = r.model_dump(mode="json", exclude={"top_examples", "explanations", "scores", "steering", "out"})
+    config = r.model_dump(mode="json", exclude={*INPUTS, "out"})
     config["summaries_sha256"] = hashlib.sha256(json.dumps(summaries, sort_keys=True).encode()).hexdigest()
     try:
-        return OutputKey.of(config, inputs)
+        return OutputKey.of(config, _inputs(r))
     except FileNotFoundError as e:
         raise ReportError(str(e)) from e
 
@@ -116,16 +130,16 @@ def _render_and_write(r: ReportConfig, summaries: dict[str, Any], key: OutputKey
         scores=read_jsonl(r.scores, "scores") if r.scores else None,
         steering=read_jsonl(r.steering, "steering") if r.steering else None,
         summaries=summaries,
+        steering_extras=read_steering_extras(r.steering) if r.steering else None,
+        attributions=open_attributions(r.attributions) if r.attributions else None,
     )
     index_uri = storage.join(r.out, INDEX_NAME)
     data = page.encode("utf-8")
     storage.write_bytes(index_uri, data)
     figures = {**figures, "report_bytes": len(data), "index": index_uri,
                "bytes_per_detailed_feature": len(data) / max(1, figures["features_detailed"])}
-    inputs = {name: uri for name, uri in (("top_examples", r.top_examples), ("explanations", r.explanations),
-                                          ("scores", r.scores), ("steering", r.steering)) if uri}
     storage.write_manifest(r.out, KIND, files=[INDEX_NAME], config={"report": r.model_dump(mode="json")},
-                           inputs=inputs, extra={"figures": figures, KEY_FIELD: key.to_json()},
+                           inputs=_inputs(r), extra={"figures": figures, KEY_FIELD: key.to_json()},
                            format_version=FORMAT_VERSION)
     with tempfile.TemporaryDirectory(prefix="mmsae-report-") as tmp:
         local = Path(tmp) / INDEX_NAME
@@ -137,6 +151,11 @@ def _render_and_write(r: ReportConfig, summaries: dict[str, Any], key: OutputKey
 
 # ---------------------------------------------------------------------------------------------------
 # inputs
+
+
+def _inputs(r: ReportConfig) -> dict[str, str]:
+    """The input artifacts the report shows, by setting name (those given)."""
+    return {name: getattr(r, name) for name in INPUTS if getattr(r, name)}
 
 
 def open_top_examples(uri: str) -> TopExamples:
@@ -194,3 +213,65 @@ def _parse_jsonl(text: str, uri: str, what: str) -> list[dict[str, Any]]:
             raise ReportError(f"report.{what}: {uri} line {i} is a {type(rec).__name__}, expected a JSON object")
         out.append(rec)
     return out
+
+
+def read_steering_extras(uri: str) -> SteeringExtras | None:
+    """The dose-response and the random baseline of a steering artifact, named by its folder or its
+    ``steering.jsonl``; None for another JSONL file. Files the manifest lists are checked against it."""
+    folder = uri
+    if uri.endswith(".jsonl"):
+        head, _, name = uri.rpartition("/")
+        if name != STEERING_RECORDS or not head:
+            return None
+        folder = head
+    try:
+        manifest = storage.read_manifest(folder)
+    except storage.ManifestError:
+        manifest = None
+    if manifest is not None and manifest.kind != STEERING_KIND:
+        log.warning("report.steering: %s holds a %r artifact, not a steering one; its rows only are shown",
+                    folder, manifest.kind)
+        return None
+
+    def read(name: str) -> bytes | None:
+        if manifest is not None:
+            return storage.read_verified_bytes(folder, name, manifest) if name in manifest.files else None
+        try:
+            return storage.read_bytes(storage.join(folder, name))
+        except FileNotFoundError:
+            return None
+
+    dose, random_rows = read(STEERING_DOSE), read(STEERING_RANDOM)
+    try:
+        summary = json.loads(dose) if dose is not None else None
+    except json.JSONDecodeError as e:
+        raise ReportError(f"report.steering: {storage.join(folder, STEERING_DOSE)} is not JSON: {e}") from e
+    if summary is not None and not isinstance(summary, dict):
+        raise ReportError(f"report.steering: {storage.join(folder, STEERING_DOSE)} holds a "
+                          f"{type(summary).__name__}, expected a JSON object")
+    extra = manifest.extra if manifest is not None else {}
+    strengths = [float(x) for x in extra.get("strengths") or () if isinstance(x, int | float)]
+    return SteeringExtras(
+        dose_response=summary, strengths=strengths, unit=str(extra.get("strength_unit") or ""), source=folder,
+        random_rows=_parse_jsonl(random_rows.decode("utf-8"), storage.join(folder, STEERING_RANDOM), "steering")
+        if random_rows is not None else [])
+
+
+def open_attributions(uri: str) -> AttributionRecords:
+    """The attributions artifact at ``uri``: its records (checked against the manifest) and its heat maps, read
+    when asked for; a missing or wrong artifact is a :class:`ReportError` naming it."""
+    try:
+        manifest = storage.read_manifest(uri, ATTRIBUTIONS_KIND)
+    except storage.ManifestError as e:
+        raise ReportError(f"report.attributions: no attributions artifact at {uri}: {e}") from e
+    if ATTRIBUTIONS_RECORDS not in manifest.files:
+        raise ReportError(f"report.attributions: the manifest of {uri} lists no {ATTRIBUTIONS_RECORDS}; expected "
+                          "the attribute stage's artifact")
+    text = storage.read_verified_bytes(uri, ATTRIBUTIONS_RECORDS, manifest).decode("utf-8")
+    rows = _parse_jsonl(text, storage.join(uri, ATTRIBUTIONS_RECORDS), "attributions")
+
+    def heatmap(example: int, feature: int | None) -> bytes | None:
+        name = heatmap_name(example, feature)
+        return storage.read_verified_bytes(uri, name, manifest) if name in manifest.files else None
+
+    return AttributionRecords(uri, rows, heatmap)

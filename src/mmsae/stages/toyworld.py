@@ -44,7 +44,7 @@ def run(cfg: RunConfig, parent_run_id: str | None = None) -> StageOutputs:
     lmm_uri = resolve_uri(None, None, cfg.run.workdir, STEP, "lmm")
     world_cfg = cfg.toyworld.model_dump(mode="json")
     lmm_cfg = {"toylmm": cfg.toylmm.model_dump(mode="json"), "toyworld": world_cfg}
-    with stage_context(cfg, STEP, lmm_cfg, parent_run_id, output=images_uri) as ctx:
+    with stage_context(cfg, STEP, lmm_cfg, parent_run_id, output=images_uri, per_layer=False) as ctx:
         images_key = OutputKey.of({"toyworld": world_cfg}, {})
         sealed = reusable_output(images_uri, IMAGE_SET_KIND, images_key, overwrite=ctx.overwrite,
                                  setting="run.workdir")

@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 STEP = "train"
 KIND = "sae"
 _NOT_TRAINING = ("out", "log_every", "checkpoint_every", "keep_checkpoints", "eval_lm_images", "device",
-                 "cpu_shm_comm")
-"""Settings that do not change what is trained: a run may resume, or its output be reused, under others."""
+                 "cpu_shm_comm", "gpus_per_node", "nodes", "job_runtime", "job_namespace", "job_overrides")
+"""Settings that do not change what is trained (where and how it runs included): a run may resume, or its output
+be reused, under others."""
 _INPUTS = ("shards", "init_from")
 """Settings that name inputs: the key holds their fingerprints instead."""
 
