@@ -165,6 +165,71 @@ def summarise(
     return res
 
 
+STEP_LABEL_PREFIX = "sae."
+"""The kernels' ``record_function`` labels (:mod:`mmsae.sae.kernels`) start with this; a step benchmark adds its
+own labels under :data:`BENCH_LABEL_PREFIX`."""
+BENCH_LABEL_PREFIX = "step."
+
+
+def _is_label(name: str) -> bool:
+    return name.startswith((STEP_LABEL_PREFIX, BENCH_LABEL_PREFIX))
+
+
+def _event_seconds(event: Any, device: bool) -> float:
+    return (event.device_time_total if device else event.time_range.elapsed_us()) / 1e6
+
+
+def _labelled_below(event: Any, device: bool) -> float:
+    """Seconds of the nearest labelled events under ``event`` (labels nest: the sort inside a backward)."""
+    return sum(_event_seconds(c, device) if _is_label(c.name) else _labelled_below(c, device)
+               for c in event.cpu_children)
+
+
+def profiled_parts(step: Callable[[], Any], device: torch.device) -> dict[str, float]:
+    """One call of ``step`` under ``torch.profiler``: seconds per label, each less the labels nested in it.
+
+    A part is named after its label without the prefix, dots as underscores (``sae.encode.topk`` ->
+    ``encode_topk``; a step's own ``step.forward_other`` -> ``forward_other``: the forward outside every
+    kernel label). On the CPU a part is wall-clock time on the calling thread (the backward runs there too); on a
+    GPU it is the device time of the kernels launched under the label.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    on_device = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    sync = cuda_sync(device)
+    with profile(activities=activities) as prof:
+        step()
+        if sync:
+            sync()
+    parts: dict[str, float] = {}
+    for event in prof.events():
+        if not _is_label(event.name) or event.device_type != torch.autograd.DeviceType.CPU:
+            continue  # (on a GPU the annotation also appears as a device-side event)
+        seconds = _event_seconds(event, on_device) - _labelled_below(event, on_device)
+        name = event.name.removeprefix(STEP_LABEL_PREFIX).removeprefix(BENCH_LABEL_PREFIX).replace(".", "_")
+        parts[name] = parts.get(name, 0.0) + seconds
+    return parts
+
+
+def breakdown(rows: list[dict[str, float]], baseline_s: float) -> dict[str, dict[str, float]]:
+    """Median seconds per part over profiled steps, their share of the profiled step and, as ``of_limit``,
+    their seconds over the baseline product's: the step's fraction of the dense-encoder limit is 1 over the
+    sum of ``of_limit``."""
+    names = sorted({name for row in rows for name in row}, key=lambda n: -statistics.median(
+        row.get(n, 0.0) for row in rows))
+    totals = [sum(row.values()) for row in rows]
+    return {
+        name: {
+            "wall_s": statistics.median(row.get(name, 0.0) for row in rows),
+            "share_of_step": statistics.median(row.get(name, 0.0) / max(t, 1e-12) for row, t in zip(rows, totals,
+                                                                                                  strict=True)),
+            "of_limit": statistics.median(row.get(name, 0.0) for row in rows) / baseline_s,
+        }
+        for name in names
+    }
+
+
 def matmul_baseline(x: Tensor, weight: Tensor, reps: int = 1) -> Callable[[], Tensor]:
     """``reps`` products ``x @ weight.T`` (``[n, d] @ [d, m]``) into one preallocated ``[n, m]`` result.
 

@@ -1,47 +1,60 @@
-"""Caching benchmark: the cache stage's wall time over the bare forward pass on the same batches.
+"""Caching benchmark: the cache stage's wall time over the forward pass cut at the hooked layer, side by side.
 
-Reads nothing; writes a tiny LLaVA-NeXT, a generated image set and the stage's shards into a temporary
-folder (removed afterwards); returns the figures (``python -m bench`` writes them to ``cache.json``).
+Reads nothing; writes a generated image set, model folders (config and processor: the models are built in
+memory and handed to the stage in place of loading them) and the stage's shards into a temporary folder
+(removed afterwards); returns the figures (``python -m bench`` writes them to ``cache.json``).
 
-Timed side by side in one run, interleaved over `REPS` repetitions (the order rotates every repetition),
+The cost that matters is the stage's work per cached byte against the model's compute per cached byte. A
+7-8B LLaVA-NeXT hooked at its middle layer (llama3-llava-next-8b, layer 16 of 32) spends about 8.5 GFLOP per
+cached token (the Llama layers up to the hook, the CLIP tower and the projector) on 16 kB (float32 shards):
+~0.5 MFLOP per cached byte (:func:`flop_per_cached_byte`, in ``cache.json`` beside the benchmark models'). Two
+models are timed:
+
+* ``representative`` (the goal, at most 1.10x the truncated forward): a LLaVA-NeXT with the 8B's compute per
+  cached byte within a few per cent. Width costs compute per token as the square and bytes per token
+  linearly, so on two CPU cores it is narrow and deep: a Llama of hidden 256 (4 query heads over 1 key/value
+  head, MLP 3.5x, as the 8B's ratios) hooked at layer :data:`DEEP_LAYER`, a 2-layer CLIP tower on 32 px
+  views (16 tokens a view, 5 views an image). Only the layers up to the hook and one after exist: the
+  stage's forward stops at the hook.
+* ``small``: a 2.7 M-parameter LLaVA-NeXT (64 px views, Llama of hidden 256 hooked at layer 2 of 4) with
+  ~200x less compute per byte: the per-token bookkeeping (geometry, copies, encoding, hashing, writing)
+  shows, as it would on a GPU, which spends ~1 ns a byte where this CPU spends microseconds. No goal.
+
+Per model, timed side by side in one run, interleaved over ``reps`` repetitions (the order rotates),
 summarised by medians:
 
-* ``forward_full``: the bare forward, ``model(**inputs)`` under ``torch.inference_mode`` over the batches the
-  stage makes (same images in the same order, batch size, prompt and padding); decoding and preprocessing
-  are done beforehand and not timed.
-* ``forward_truncated``: the same, cut right after the hooked layer (``capture(..., stop_early=True)``): the
-  model compute the stage actually needs, so the stage's floor.
+* ``forward_truncated``: the forward cut right after the hooked layer (``capture(..., stop_early=True)``)
+  under ``torch.inference_mode`` over the batches the stage makes (same images in the same order, batch
+  size, prompt and padding), decoded and preprocessed beforehand: the model compute the stage needs.
 * ``stage``: ``mmsae.stages.cache.run`` end to end with tracking off, writing to a local folder, with the
   config's default ``num_workers``: opening the image set, decoding, preprocessing, the forward, token
-  geometry, shard encoding and writing, progress records and sealing. Model loading belongs to neither
-  side: the seconds spent inside ``load_lmm`` during the call are measured and subtracted.
-* ``stage_workers_0``: the same with decoding and preprocessing in the main process (``num_workers=0``),
-  to weigh a worker's overlap against its competition for the cores.
+  geometry, shard encoding, hashing and writing, progress records and sealing.
+* ``stage_workers_0``: the same with decoding and preprocessing in the main process (``num_workers=0``).
 
-The model: LLaVA-NeXT with a 64 px CLIP tower (patch 8: 64 patches per view; hidden 64, 2 layers) and a
-4-layer Llama of hidden 256 (2.7 M parameters), cached at the stage's default hook point ``-2``
-(``layers.2``). The images are JPEGs of 64-384 px per side in varied aspect ratios, so every AnyRes
-pinpoint occurs and an image gives 5 views (about 230 image tokens on average). One batch of 8 takes
-0.3-0.4 s forward and its decoding plus preprocessing about a tenth to a fifth of that on one core:
-roughly the relation between a 7B LLaVA-NeXT on a GPU and its preprocessing on the host, which is what
-decides whether caching keeps pace with the forward pass.
+``breakdown``: per stage variant, the median seconds of each part the stage measures itself
+(:class:`mmsae.caching.StageTimes`: setup, waiting for images, forward, geometry, copies, waiting for the
+writer, sealing on the main thread; concatenation, encoding, hashing, writing, the NaN/inf check and records
+on the writer thread, which runs beside the main thread); ``stage_extra_seconds``, the stage's median less
+the truncated forward's; ``writer_bytes_per_s``, the shard bytes over the writer thread's busy seconds (the
+rate a forward may produce bytes at before the writer holds it back: at 40-60 % of an H100's bf16 peak the 8B
+produces roughly 0.4-0.6 GB/s of bfloat16 rows, twice that in float32).
 
-The forward runs on one intra-op thread (`TORCH_THREADS`, restored afterwards): the second core is left
-to the decoding worker, as a host CPU is to an accelerator. With two threads on a 2-core machine that
-other processes also use, a forward pass stalls whenever either thread is descheduled and timings swing
-by several times, which would drown the ratio.
+The forward runs on one intra-op thread (:data:`TORCH_THREADS`, restored afterwards): the second core is left
+to the decoding worker, as a host CPU is to an accelerator. With two threads on a 2-core machine that other
+processes also use, a forward pass stalls whenever either thread is descheduled and timings swing by several
+times, which would drown the ratio.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import io
 import logging
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,26 +65,97 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 GOAL = 1.10
-"""The stage may take at most this many times the bare (full) forward's time."""
-REPS = 5
-N_IMAGES = 96
-BATCH_SIZE = 8
-SHARD_ROWS = 4096
-"""About 6 shard sets per run, so per-set bookkeeping is part of what is measured."""
+"""The stage may take at most this many times the truncated forward's time (representative model)."""
 TORCH_THREADS = 1
 PROMPT = "<image>"
 SEED = 0
-MODEL = {
-    "family": "llava_next",
-    "image_size": 64,
-    "patch_size": 8,
-    "vision_hidden": 64,
-    "vision_layers": 2,
-    "text_hidden": 256,
-    "text_layers": 4,
-}
-LAYER = -2
-"""The cache stage's default hook point."""
+DEEP_LAYER = 300
+"""The representative model's hooked layer (the Llama has one more)."""
+EIGHT_B_SEQUENCE = 2928
+"""Tokens of a 672 x 672 image in llava-next-8b: 576 base-view tokens, 2 x 2 tiles of 576, 48 newlines."""
+INDEX_BYTES = 8 + 4 + 2 + 2 + 2
+"""Bytes of a cached row's index columns (image_idx int64, token_pos int32, view, row, col int16)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmark model and its workload."""
+
+    name: str
+    text: dict[str, Any]
+    vision: dict[str, Any]
+    pinpoints: list[list[int]]
+    layer: int
+    images: int
+    batch_size: int
+    reps: int
+    shard_rows: int
+
+
+_VISION_SMALL = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=2,
+                     projection_dim=64)
+REPRESENTATIVE = Case(
+    name="representative",
+    text=dict(hidden_size=256, num_hidden_layers=DEEP_LAYER + 2, intermediate_size=896, num_attention_heads=4,
+              num_key_value_heads=1, vocab_size=512, rope_theta=500000.0, max_position_embeddings=4096),
+    vision=dict(_VISION_SMALL, patch_size=8, image_size=32),
+    pinpoints=[[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]],
+    layer=DEEP_LAYER, images=24, batch_size=8, reps=3, shard_rows=65536,
+)
+SMALL = Case(
+    name="small",
+    text=dict(hidden_size=256, num_hidden_layers=4, intermediate_size=512, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=512, rope_theta=500000.0, max_position_embeddings=4096),
+    vision=dict(_VISION_SMALL, patch_size=8, image_size=64),
+    pinpoints=[[64, 128], [128, 64], [128, 128], [192, 64], [64, 192]],
+    layer=2, images=96, batch_size=8, reps=5, shard_rows=4096,
+)
+
+
+# ------------------------------------------------------------------------------------------- compute
+
+
+def flop_per_image_token(text: dict[str, Any], vision: dict[str, Any], layer: int, sequence: float) -> float:
+    """Forward FLOP per image token of a LLaVA-NeXT cut after decoder layer ``layer``.
+
+    Counts the matrix products (2 FLOP a multiply-add): per Llama layer up to the hook the q/k/v/o
+    projections (grouped key/value heads), the gated MLP and causal attention over ``sequence`` tokens; the
+    CLIP tower (every layer, non-causal attention, its class token included) per patch token; the projector.
+    Norms, rotary embeddings and the patch embedding are left out (a few per cent).
+    """
+    d, inner = text["hidden_size"], text["intermediate_size"]
+    kv = d * text["num_key_value_heads"] // text["num_attention_heads"]
+    per_layer = 2 * (2 * d * d + 2 * d * kv) + 2 * 3 * d * inner + 2 * d * sequence
+    dv, vinner = vision["hidden_size"], vision["intermediate_size"]
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    vision_tokens = patches + 1
+    per_vision_layer = 2 * (4 * dv * dv + 2 * dv * vinner) + 4 * dv * vision_tokens
+    tower = vision["num_hidden_layers"] * per_vision_layer * vision_tokens / patches
+    projector = 2 * (dv * d + d * d)
+    return (layer + 1) * per_layer + tower + projector
+
+
+def flop_per_cached_byte(text: dict[str, Any], vision: dict[str, Any], layer: int, sequence: float,
+                         dtype_bytes: int) -> float:
+    """:func:`flop_per_image_token` over the bytes of a cached row (activations plus index columns)."""
+    return flop_per_image_token(text, vision, layer, sequence) / (text["hidden_size"] * dtype_bytes + INDEX_BYTES)
+
+
+def eight_b_compute(dtype_bytes: int) -> dict[str, Any]:
+    """llama3-llava-next-8b hooked at its middle layer (the GPU profile's geometry): FLOP per token and byte."""
+    from bench import gpu
+
+    full = gpu.FULL
+    return {
+        "model": "llama3-llava-next-8b geometry (Llama-3-8B, CLIP ViT-L/14-336)", "layer": full.layer,
+        "sequence_tokens": EIGHT_B_SEQUENCE,
+        "flop_per_image_token": flop_per_image_token(full.text, full.vision, full.layer, EIGHT_B_SEQUENCE),
+        "flop_per_cached_byte": flop_per_cached_byte(full.text, full.vision, full.layer, EIGHT_B_SEQUENCE,
+                                                     dtype_bytes),
+    }
+
+
+# --------------------------------------------------------------------------------------------- inputs
 
 
 def _jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
@@ -130,31 +214,14 @@ def forward_truncated(model: torch.nn.Module, batches: list[dict[str, Any]], hoo
                 raise RuntimeError(f"hook point {hook.name} did not run")
 
 
-@contextlib.contextmanager
-def _timed_model_loading() -> Iterator[list[float]]:
-    """Record the seconds spent in ``load_lmm`` while the block runs (the stage looks it up at call time)."""
-    from mmsae.models import loading
-
-    spent: list[float] = []
-    original = loading.load_lmm
-
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            spent.append(time.perf_counter() - t0)
-
-    loading.load_lmm = timed
-    try:
-        yield spent
-    finally:
-        loading.load_lmm = original
+# ----------------------------------------------------------------------------------------------- runs
 
 
-def run_stage(root: Path, tag: str, image_set: str, model: str,
-              **cache_kw: Any) -> tuple[float, dict[str, Any]]:
-    """Seconds the cache stage took, model loading excluded, and its figures; its output is removed after."""
+def run_stage(root: Path, tag: str, image_set: str, model: str, case: Case,
+              **cache_kw: Any) -> tuple[float, dict[str, Any], dict[str, float]]:
+    """Seconds the cache stage took (model loading excluded), its figures and its seconds per part; its
+    output is removed after."""
+    from mmsae.caching import StageTimes
     from mmsae.config import RunConfig
     from mmsae.stages import cache
 
@@ -162,16 +229,16 @@ def run_stage(root: Path, tag: str, image_set: str, model: str,
     cfg.tracking.enabled = False
     cfg.run.workdir = str(root / f"work-{tag}")
     cfg.cache = cfg.cache.model_copy(update={
-        "image_set": image_set, "model": model, "out": str(root / f"acts-{tag}"), "layers": [LAYER],
-        "batch_size": BATCH_SIZE, "shard_rows": SHARD_ROWS, "prompt": PROMPT, **cache_kw,
+        "image_set": image_set, "model": model, "out": str(root / f"acts-{tag}"), "layers": [case.layer],
+        "batch_size": case.batch_size, "shard_rows": case.shard_rows, "prompt": PROMPT, **cache_kw,
     })
-    with _timed_model_loading() as loading:
-        t0 = time.perf_counter()
-        result = cache.run(cfg)
-        wall = time.perf_counter() - t0
+    times = StageTimes()
+    t0 = time.perf_counter()
+    result = cache.run(cfg, times=times)
+    wall = time.perf_counter() - t0
     shutil.rmtree(cfg.cache.out)
     shutil.rmtree(cfg.run.workdir, ignore_errors=True)
-    return wall - sum(loading), result.figures
+    return wall - times.seconds.get("load_model", 0.0), result.figures, dict(times.seconds)
 
 
 def _seconds(fn: Callable[[], Any]) -> float:
@@ -181,87 +248,110 @@ def _seconds(fn: Callable[[], Any]) -> float:
 
 
 def main() -> dict[str, Any]:
+    """Both models (about 4 minutes on 2 busy cores); the figures."""
+    from mmsae.config import CacheConfig
+
     threads = torch.get_num_threads()
     torch.set_num_threads(TORCH_THREADS)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
-            result = _measure(Path(tmp))
+            cases = {case.name: measure(case, Path(tmp) / case.name) for case in (REPRESENTATIVE, SMALL)}
     finally:
         torch.set_num_threads(threads)
-    log.info("stage / full forward %.3f (goal <= %.2f), stage / truncated forward %.3f; without a worker "
-             "%.3f / %.3f", result["stage_over_forward_full"], GOAL, result["stage_over_forward_truncated"],
-             result["stage_workers_0_over_forward_full"], result["stage_workers_0_over_forward_truncated"])
+    rep = cases["representative"]
+    dtype_bytes = torch.tensor([], dtype=getattr(torch, CacheConfig().dtype)).element_size()
+    result = {
+        "goal_stage_over_forward_truncated": GOAL,
+        "stage_over_forward_truncated": rep["stage_over_forward_truncated"],
+        "meets_goal": rep["stage_over_forward_truncated"] <= GOAL,
+        "eight_b": eight_b_compute(dtype_bytes),
+        "cases": cases,
+        "torch_threads": TORCH_THREADS,
+        "stage_dtype": CacheConfig().dtype,
+        "stage_num_workers": CacheConfig().num_workers,
+    }
+    for name, case in cases.items():
+        log.info("%s model (%.3g FLOP per cached byte; the 8B's %.3g): stage / truncated forward %.3f, "
+                 "without a worker %.3f; breakdown %s", name, case["flop_per_cached_byte"],
+                 result["eight_b"]["flop_per_cached_byte"], case["stage_over_forward_truncated"],
+                 case["stage_workers_0_over_forward_truncated"],
+                 {k: round(v, 3) for k, v in case["breakdown"]["stage"].items()})
     return result
 
 
-def _measure(root: Path) -> dict[str, Any]:
-    from mmsae.config import CacheConfig
-    from mmsae.models import load_lmm, resolve_hookpoint, save_tiny
+def measure(case: Case, root: Path) -> dict[str, Any]:
+    """The stage and the truncated forward on ``case``'s model, interleaved; ratios and breakdown."""
+    from bench import gpu
+    from mmsae.models import resolve_hookpoint
 
     t0 = time.perf_counter()
-    model_dir = str(save_tiny(MODEL["family"], root / "model", seed=SEED,
-                              **{k: v for k, v in MODEL.items() if k != "family"}))
-    image_set = make_image_set(root / "images", N_IMAGES)
-    lmm = load_lmm(model_dir)
-    hook = resolve_hookpoint(lmm.model, LAYER)
-    batches = prepare_batches(image_set, lmm.processor, BATCH_SIZE, PROMPT)
+    root.mkdir(parents=True)
+    (root / "model").mkdir()
+    profile = dataclasses.replace(gpu.TINY, text=case.text, vision=case.vision, pinpoints=case.pinpoints,
+                                  layer=case.layer)
+    lmm = gpu.build_lmm(profile, torch.device("cpu"), torch.float32, root / "model")
+    image_set = make_image_set(root / "images", case.images)
+    hook = resolve_hookpoint(lmm.model, case.layer)
+    batches = prepare_batches(image_set, lmm.processor, case.batch_size, PROMPT)
     image_tokens = sum(int((b["input_ids"] == lmm.config.image_token_id).sum()) for b in batches)
-    log.info("built the model and %d images (%d batches, %d image tokens) in %.1f s",
-             N_IMAGES, len(batches), image_tokens, time.perf_counter() - t0)
+    sequence = statistics.mean(float(b["attention_mask"].sum(1).float().mean()) for b in batches)
+    log.info("%s: built the model (%.0f M parameters) and %d images (%d image tokens) in %.1f s", case.name,
+             sum(p.numel() for p in lmm.model.parameters()) / 1e6, case.images, image_tokens, time.perf_counter() - t0)
+    model = str(root / "model")
+    with gpu.prebuilt_model(lmm):
+        forward_truncated(lmm.model, batches[:1], hook)  # warm-up: imports, allocator growth, lazy init
+        run_stage(root, "warmup", image_set, model, case, max_images=case.batch_size)
+        times, figures, parts = _interleaved(case, root, image_set, model,
+                                             lambda: forward_truncated(lmm.model, batches, hook))
+    for name, f in figures.items():
+        if f["tokens"] != image_tokens or f["images"] != case.images:
+            raise RuntimeError(f"{name} cached {f['images']} images / {f['tokens']} tokens, but the forward's "
+                               f"batches hold {case.images} images / {image_tokens} image tokens: not the same work")
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    dtype_bytes = torch.tensor([], dtype=torch.float32).element_size()
+    writer_s = statistics.median(sum(v for k, v in run.items() if k.startswith("writer_")) for run in parts["stage"])
+    return {
+        "stage_over_forward_truncated": median["stage"] / median["forward_truncated"],
+        "stage_extra_seconds": median["stage"] - median["forward_truncated"],
+        "writer_bytes_per_s": figures["stage"]["bytes_written"] / max(writer_s, 1e-9),
+        "stage_workers_0_over_forward_truncated": median["stage_workers_0"] / median["forward_truncated"],
+        "flop_per_image_token": flop_per_image_token(case.text, case.vision, case.layer, sequence),
+        "flop_per_cached_byte": flop_per_cached_byte(case.text, case.vision, case.layer, sequence, dtype_bytes),
+        "median_seconds": median, "seconds": times,
+        "breakdown": {name: {part: statistics.median(run.get(part, 0.0) for run in runs)
+                             for part in sorted({p for run in runs for p in run})}
+                      for name, runs in parts.items()},
+        "images_per_s": {name: case.images / s for name, s in median.items()},
+        "tokens_per_s": {name: image_tokens / s for name, s in median.items()},
+        "bytes_written": figures["stage"]["bytes_written"],
+        "setup": {**dataclasses.asdict(case), "parameters": sum(p.numel() for p in lmm.model.parameters()),
+                  "hookpoint": hook.name, "image_tokens": image_tokens, "mean_sequence_tokens": sequence,
+                  "batches": len(batches), "shards": figures["stage"]["shards"]},
+    }
 
-    # warm-up: first calls pay for imports, allocator growth and lazy initialisation
-    forward_full(lmm.model, batches[:2])
-    forward_truncated(lmm.model, batches[:2], hook)
-    run_stage(root, "warmup", image_set, model_dir, max_images=2 * BATCH_SIZE)
 
-    default_workers = CacheConfig().num_workers
+def _interleaved(case: Case, root: Path, image_set: str, model: str, forward: Callable[[], Any],
+                 ) -> tuple[dict[str, list[float]], dict[str, dict[str, Any]], dict[str, list[dict[str, float]]]]:
+    """``case.reps`` rounds of the forward, the stage and the stage without a worker, the order rotating."""
     figures: dict[str, dict[str, Any]] = {}
+    parts: dict[str, list[dict[str, float]]] = {"stage": [], "stage_workers_0": []}
 
     def stage(name: str, **kw: Any) -> Callable[[], float]:
         def go() -> float:
-            seconds, figures[name] = run_stage(root, name, image_set, model_dir, **kw)
+            seconds, figures[name], seconds_per_part = run_stage(root, name, image_set, model, case, **kw)
+            parts[name].append(seconds_per_part)
             return seconds
         return go
 
     runs: dict[str, Callable[[], float]] = {
-        "forward_full": lambda: _seconds(lambda: forward_full(lmm.model, batches)),
-        "forward_truncated": lambda: _seconds(lambda: forward_truncated(lmm.model, batches, hook)),
+        "forward_truncated": lambda: _seconds(forward),
         "stage": stage("stage"),
         "stage_workers_0": stage("stage_workers_0", num_workers=0),
     }
     names = list(runs)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(REPS):
+    for rep in range(case.reps):
         for name in names[rep % len(names):] + names[: rep % len(names)]:
             times[name].append(runs[name]())
-            log.info("rep %d %s: %.2f s", rep, name, times[name][-1])
-
-    for name, f in figures.items():
-        if f["tokens"] != image_tokens or f["images"] != N_IMAGES:
-            raise RuntimeError(
-                f"{name} cached {f['images']} images / {f['tokens']} tokens, but the forward's batches hold "
-                f"{N_IMAGES} images / {image_tokens} image tokens: they are not the same work"
-            )
-    median = {name: statistics.median(ts) for name, ts in times.items()}
-    ratios = {
-        f"{cached}_over_{bare}": median[cached] / median[bare]
-        for cached in ("stage", "stage_workers_0") for bare in ("forward_full", "forward_truncated")
-    }
-    return {
-        **ratios,
-        "goal_stage_over_forward_full": GOAL,
-        "meets_goal": ratios["stage_over_forward_full"] <= GOAL,
-        "median_seconds": median,
-        "seconds": times,
-        "images_per_s": {name: N_IMAGES / s for name, s in median.items()},
-        "tokens_per_s": {name: image_tokens / s for name, s in median.items()},
-        "setup": {
-            "model": MODEL, "parameters": sum(p.numel() for p in lmm.model.parameters()),
-            "hookpoint": hook.name, "images": N_IMAGES, "batch_size": BATCH_SIZE, "batches": len(batches),
-            "image_tokens": image_tokens, "shard_rows": SHARD_ROWS, "shards": figures["stage"]["shards"],
-            "reps": REPS, "torch_threads": TORCH_THREADS, "stage_num_workers": default_workers,
-            "stage_dtype": CacheConfig().dtype,
-            "notes": "tokens are the cached (image) tokens, every token of the prompt '<image>'; stage "
-                     "seconds exclude load_lmm and include everything else the stage does",
-        },
-    }
+            log.info("%s rep %d %s: %.2f s", case.name, rep, name, times[name][-1])
+    return times, figures, parts

@@ -10,16 +10,19 @@ Parts, each reported with its own seconds:
   a few products: the rate every other figure is read against.
 * ``train``: the train stage's step through DeepSpeed (:func:`bench.train.measure`: the stage's
   :class:`~mmsae.training.engine.SaeBundle` in :func:`~mmsae.training.engine.build_engine`, bf16 autocast on a
-  GPU, 5 % of latents dead so AuxK runs) at d = 4096, 131 072 latents, k = 128 and 32 768 tokens a batch:
+  GPU, 5 % of latents dead so AuxK runs) at d = 4096, 131 072 latents, k = 128 and 32 768 tokens a batch,
+  with ZeRO-2 on the one GPU (``Profile.train_zero_stage``; the stage itself would run stage 0 on one rank):
   tokens/s against the goal of 300 000 per GPU, and the step's encoder FLOP rate as a fraction of the
-  encoder-shaped bf16 product and of ``peak``. With one rank the engine runs ZeRO stage 0 whatever
-  ``train.zero_stage`` says (``engine.zero_stage_used``).
+  encoder-shaped bf16 product and of ``peak``; the step without dead latents beside it, and the profiler's
+  breakdown of both (``engine.zero_stage_used`` says which stage ran).
 * ``cache``: :func:`mmsae.stages.cache.run` end to end (tracking off, bf16 model and shards, decoding in
   worker processes) on a LLaVA-NeXT of the 8B model's geometry built from its config with random weights
   (Llama-3-8B text, CLIP ViT-L/14-336 vision, llava-next's AnyRes pinpoints), hooked at the middle layer, over
   generated images of varied sizes; beside it the forward pass cut at that layer over the same batches,
   already preprocessed and on the device. The model is built once in memory and handed to the stage in
-  place of loading it (its folder holds the config and processor, which the stage fingerprints).
+  place of loading it (its folder holds the config and processor, which the stage fingerprints). The last
+  stage run's seconds per part (:class:`mmsae.caching.StageTimes`) and its writer thread's bytes per second
+  come with it: on a GPU the writer (encoding, hashing, writing with fsync) may hold the forward back.
 * ``mine``: the cache stage's shards streamed through a random SAE of the train shape on the device, once
   encode-only and once into the mine stage's :class:`~mmsae.mining.Miner` (default ``MineConfig``).
 
@@ -84,6 +87,8 @@ class Profile:
     """Interleaved repetitions of the stage / forward and of encode / mine."""
     peak_side: int
     notes: dict[str, str] = field(default_factory=dict)
+    train_zero_stage: int | None = 2
+    """The train part's ZeRO stage on its one rank (None: the stage's own choice, 0)."""
 
 
 FULL = Profile(
@@ -209,7 +214,7 @@ def peak_matmul(device: torch.device, side: int, reps: int = 5) -> dict[str, Any
 def train_part(profile: Profile, device: torch.device, peak_flop_per_s: float) -> dict[str, Any]:
     """:func:`bench.train.measure` at the profile's shape, with its rate against the measured peak."""
     setup = profile.train
-    measured = bench_train.measure(setup, device)
+    measured = bench_train.measure(setup, device, zero_stage=profile.train_zero_stage)
     tokens_per_s = measured["train"]["tokens_per_s"]
     encoder_flop_per_s = tokens_per_s * 2.0 * setup.d_in * setup.num_latents
     return {
@@ -219,6 +224,9 @@ def train_part(profile: Profile, device: torch.device, peak_flop_per_s: float) -
         "fraction_of_measured_peak": encoder_flop_per_s / peak_flop_per_s,
         "fraction_of_encoder_shaped_matmul": measured["train"]["fraction_of_dense_encoder_limit"],
         "parts": measured["train"].get("parts", {}),
+        "bare_tokens_per_s": measured["train_bare"]["tokens_per_s"],
+        "bare_fraction_of_encoder_shaped_matmul": measured["train_bare"]["fraction_of_dense_encoder_limit"],
+        "breakdown": measured["breakdown"],
         "engine": measured["engine"],
         "auxk": measured["auxk"],
         "naive_tokens_per_s": measured["naive"]["tokens_per_s"],
@@ -307,6 +315,7 @@ def make_images(path: Path, count: int, sides: tuple[int, int], seed: int = SEED
 def _run_stage(profile: Profile, device: torch.device, image_set: str, model_dir: Path, out: Path,
                **changes: Any) -> tuple[float, dict[str, Any]]:
     """Seconds of one cache stage run writing to ``out`` (kept), and its figures."""
+    from mmsae.caching import StageTimes
     from mmsae.config import RunConfig
     from mmsae.stages import cache
 
@@ -321,9 +330,10 @@ def _run_stage(profile: Profile, device: torch.device, image_set: str, model_dir
         **changes,
     })
     sync = timing.cuda_sync(device)
-    elapsed, result = timing.timed(lambda: cache.run(cfg), sync)
+    times = StageTimes()
+    elapsed, result = timing.timed(lambda: cache.run(cfg, times=times), sync)
     shutil.rmtree(cfg.run.workdir, ignore_errors=True)
-    return elapsed.wall_s, result.figures
+    return elapsed.wall_s, {**result.figures, "seconds_per_part": dict(times.seconds)}
 
 
 def cache_part(profile: Profile, device: torch.device, root: Path) -> dict[str, Any]:
@@ -359,6 +369,9 @@ def cache_part(profile: Profile, device: torch.device, root: Path) -> dict[str, 
         "tokens_per_s": {name: image_tokens / s for name, s in median.items()},
         "images": profile.images, "image_tokens": image_tokens, "hookpoint": hook.name,
         "bytes_written": figures["bytes_written"], "shards": figures["shards"], "build_seconds": build_s,
+        "last_stage_seconds_per_part": figures["seconds_per_part"],
+        "writer_bytes_per_s": figures["bytes_written"] / max(1e-9, sum(
+            v for k, v in figures["seconds_per_part"].items() if k.startswith("writer_"))),
         "notes": "stage seconds include decoding, preprocessing, the forward, geometry, shard writing and "
                  "sealing (model loading excluded: the model is built in memory); the forward runs on batches "
                  "already preprocessed and on the device",

@@ -26,11 +26,15 @@ def test_gpu_profile_runs_tiny_on_the_cpu_and_writes_gpu_json(tmp_path, monkeypa
     assert train["tokens_per_s"] > 0 and 0 < train["fraction_of_measured_peak"]
     assert train["auxk"]["in_timed_step"]
     assert set(train["parts"]) == {"forward", "backward", "step"}
+    assert train["engine"]["zero_stage_used"] == gpu.TINY.train_zero_stage == 2
+    assert train["bare_tokens_per_s"] > 0 and {"auxk", "bare"} == set(train["breakdown"])
+    assert "decode_aux" in train["breakdown"]["auxk"] and "decode_aux" not in train["breakdown"]["bare"]
     cache = result["cache"]
     assert cache["images"] == gpu.TINY.images and cache["image_tokens"] > gpu.TINY.images
     assert cache["stage_over_forward_truncated"] > 0 and cache["bytes_written"] > 0
     assert cache["hookpoint"] == f"layers.{gpu.TINY.layer}"
     assert "shards_uri" not in cache
+    assert cache["writer_bytes_per_s"] > 0 and cache["last_stage_seconds_per_part"]["forward"] > 0
     mine = result["mine"]
     assert mine["tokens"] == cache["image_tokens"]
     assert 0 < mine["mine_over_encode_throughput"]

@@ -494,6 +494,21 @@ def test_manifest_records_each_hook_points_width(tmp_path, world):
     assert _all_rows(str(out), "layers.1.mlp.up_proj")["acts"].shape[1] == inner
 
 
+def test_the_stage_reports_its_seconds_per_part(tmp_path, world, caplog):
+    times = caching.StageTimes()
+    t0 = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="mmsae.stages.cache"):
+        cache.run(_cfg(tmp_path / "acts", world["images"], world["models"]["llava"], batch_size=2, shard_rows=40),
+                  times=times)
+    wall = time.perf_counter() - t0
+    parts = times.seconds
+    assert {"setup", "load_model", "wait_images", "forward", "geometry", "copies", "wait_writer", "seal"} <= set(parts)
+    assert {f"writer_{p}" for p in caching.WRITER_PARTS} <= set(parts)
+    assert all(seconds >= 0 for seconds in parts.values())
+    assert 0 < sum(parts[p] for p in caching.MAIN_PARTS) <= wall  # the main thread's parts follow each other
+    assert "seconds per part: setup" in caplog.text
+
+
 def test_rows_with_nan_or_inf_are_counted_per_shard_and_warned(tmp_path, world, monkeypatch, caplog):
     real_forward = caching.forward_rows
     poisoned = {1: float("nan"), 5: float("inf")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mmsae.sae import SaeConfig, TopKSAE
@@ -80,9 +81,22 @@ def test_one_rank_engine_uses_no_zero_partitioning_and_no_allreduce() -> None:
         _one_engine_step(engine, bundle, t)
 
 
-def _one_engine_step(engine, bundle, t) -> None:
-    assert engine.zero_optimization_stage() == 0
-    assert not engine.enable_backward_allreduce
+def test_an_explicit_zero_stage_is_used_on_one_rank() -> None:
+    from mmsae.config import TrainConfig
+    from mmsae.training import engine as engine_module
+
+    t = TrainConfig(num_latents=64, k=4, batch_size=8, device="cpu", zero_stage=0)
+    with engine_module.process_group(t):
+        bundle = engine_module.SaeBundle([engine_module.Variant("", "h", 64, 4, 1e-3)], 16, t)
+        engine = engine_module.build_engine(bundle, t, world=1, total_steps=10, zero_stage=2)
+        _one_engine_step(engine, bundle, t, stage=2)
+    with pytest.raises(ValueError, match="zero_stage must be 0, 1 or 2"):
+        engine_module.build_engine(bundle, t, world=1, total_steps=10, zero_stage=3)
+
+
+def _one_engine_step(engine, bundle, t, stage: int = 0) -> None:
+    assert engine.zero_optimization_stage() == stage
+    assert engine.enable_backward_allreduce == (stage > 0)
     x = torch.randn(8, 16)
     before = bundle.saes["__h"].encoder.weight.detach().clone()
     loss, _ = engine({"h": x}, {"__h": torch.zeros(64, dtype=torch.bool)}, {"h": (x - x.mean(0)).pow(2).sum()}, t, 1)
@@ -99,10 +113,20 @@ def test_train_benchmark_times_the_stage_step_and_its_parts_at_a_tiny_shape() ->
                              warmup_steps=1, pairs=2, naive_pairs=1, naive_warmup_steps=0, matmul_reps=1)
     r = bench_train.measure(tiny, torch.device("cpu"))
     assert r["engine"]["zero_stage_used"] == 0 and r["matmul_dtype"] == "float32"
-    for row in r["pairs"]["train"]:
+    for row in r["pairs"]["train"] + r["pairs"]["train_bare"]:
         parts = sum(row[f"part_{p}_wall_s"] for p in ("forward", "backward", "step"))
         assert 0 < parts <= row["step_wall_s"]
-    assert r["train"]["tokens_per_s"] > 0 and r["naive"]["tokens_per_s"] > 0
+    assert r["train"]["tokens_per_s"] > 0 and r["train_bare"]["tokens_per_s"] > 0 and r["naive"]["tokens_per_s"] > 0
+    assert r["auxk"]["in_timed_step"] and r["auxk"]["last_auxk_loss"] > 0
+    # the profiled pieces: AuxK's only in the step with dead latents; in units of the baseline product
+    with_auxk, bare = r["breakdown"]["auxk"], r["breakdown"]["bare"]
+    pieces = {"encode_product", "encode_topk", "decode", "backward_decode", "backward_encode", "optimizer",
+              "forward_other", "backward_other"}
+    assert pieces <= set(bare) and pieces | {"encode_aux_topk", "decode_aux", "backward_decode_aux",
+                                             "backward_encode_aux"} <= set(with_auxk)
+    assert not {"encode_aux_topk", "decode_aux"} & set(bare)
+    assert sum(piece["share_of_step"] for piece in with_auxk.values()) == pytest.approx(1.0, abs=0.05)
+    assert all(piece["wall_s"] >= 0 and piece["of_limit"] >= 0 for piece in with_auxk.values())
     assert r["dense_encoder_limit_tokens_per_s"] == r["matmul_flop_per_s"] / (2 * 32 * 256)
     g = bench_train.gpu_figures("NVIDIA H100 80GB HBM3", 3e5, 2 * 4096 * 131072, 7e14)
     assert g["fraction_of_nominal_bf16_peak"] < g["fraction_of_measured_bf16_peak"]

@@ -4,8 +4,8 @@ Runs one forward and backward of the train stage's SAE step (:class:`mmsae.train
 forward, the call the DeepSpeed engine makes: decoder rows normalised in the forward pass, AuxK over dead
 latents) under a :class:`~torch.utils._python_dispatch.TorchDispatchMode` that records the size of every
 tensor an aten op produces, in four phases: inside :func:`~mmsae.sae.kernels.topk_encode` (``encode``),
-inside :func:`~mmsae.sae.kernels.sparse_decode` (``decode``), the rest of the forward (``forward``) and
-``backward``. The shape makes ``tokens x latents`` (512 x 4096 = 2 M) sixteen times the largest legitimate
+inside :func:`~mmsae.sae.kernels.sparse_decode` or :func:`~mmsae.sae.kernels.sparse_decode_with_aux`
+(``decode``), the rest of the forward (``forward``) and ``backward``. The shape makes ``tokens x latents`` (512 x 4096 = 2 M) sixteen times the largest legitimate
 tensor, a ``[latents, d]`` weight or its gradient (131 k), so a dense decode (top-k scattered into
 ``[n, m]`` and multiplied by ``W_dec``) or a dense gradient of the latents shows up as an op output of
 ``n·m`` elements where the kernels produce at most ``max(m·d, n·d, ...)``.
@@ -13,9 +13,10 @@ tensor, a ``[latents, d]`` weight or its gradient (131 k), so a dense decode (to
 What the kernels legitimately produce (read from :mod:`mmsae.sae.kernels`): the encoder computes its
 pre-activations chunk by chunk into one ``[min(chunk_rows, n), m]`` buffer (at this shape one chunk, so
 exactly ``n·m`` elements: the dense encoder product, allowed in ``encode`` and nowhere else) and keeps
-``[n, k]`` selections. AuxK, with at most a quarter of the latents dead (5 % here), is dense products over
-the dead latents' rows (``[n, dead]``); with more dead (half, the second case), the encoder masks the
-non-dead latents in its buffer in place and keeps an ``[n, k_aux]`` selection, decoded sparsely. The
+``[n, k]`` selections. AuxK, with at most a quarter of the latents dead (5 % here), takes the dead latents'
+columns out of each chunk (``[chunk, dead]``) and is dense products over their rows (``[n, dead]``); with
+more dead (half, the third case), the encoder masks the non-dead latents in its buffer in place and keeps an
+``[n, k_aux]`` selection, decoded sparsely. The
 decoder is an ``embedding_bag`` into ``[n, d]``. The backward products are over a CSR pattern of
 ``n·k`` entries (:class:`~mmsae.sae.kernels.SparsePattern`): a sparse tensor is counted by the elements it
 stores (its ``values``), not by its dense shape ``[m, n]``, which is what it avoids building. Their results
@@ -110,6 +111,8 @@ def _train_step_op_sizes(monkeypatch: pytest.MonkeyPatch, multi_topk: bool = Fal
     rec = OpSizes()
     monkeypatch.setattr(sae_model, "topk_encode", _tagged(rec, "encode", sae_model.topk_encode))
     monkeypatch.setattr(sae_model, "sparse_decode", _tagged(rec, "decode", sae_model.sparse_decode))
+    monkeypatch.setattr(sae_model, "sparse_decode_with_aux",
+                        _tagged(rec, "decode", sae_model.sparse_decode_with_aux))
     with rec:
         loss, outs = bundle({HOOKPOINT: x}, {variant.key: dead}, {HOOKPOINT: variance}, t, 1)
         with rec.within("backward"):
@@ -148,7 +151,16 @@ def _dense_decode(acts: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | 
     return kernels.dense_decode_reference(acts, indices, weight, bias)
 
 
-def _dense_transpose_matmul(self: kernels.SparsePattern, values: Tensor, dense: Tensor) -> Tensor:
+def _dense_decode_with_aux(acts: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | None,
+                           aux_acts: Tensor, aux_indices: Tensor, *, aux_subset: Any = None, pattern: Any = None,
+                           normalize_rows: bool = False) -> tuple[Tensor, Tensor]:
+    """``sparse_decode_with_aux`` done densely, both terms."""
+    return (_dense_decode(acts, indices, weight, bias, normalize_rows=normalize_rows),
+            _dense_decode(aux_acts, aux_indices, weight, None, normalize_rows=normalize_rows))
+
+
+def _dense_transpose_matmul(self: kernels.SparsePattern, values: Tensor, dense: Tensor,
+                            out: Tensor | None = None) -> Tensor:
     """``S.T @ dense`` with ``S`` built as a dense ``[n, m]`` matrix (the gradient the kernels avoid)."""
     s = values.new_zeros(values.shape[0], self.num_latents).scatter(1, self.indices, values)
     return s.t() @ dense.to(s.dtype)
@@ -160,6 +172,7 @@ def test_the_check_fails_for_a_dense_decode_or_a_dense_backward(
 ) -> None:
     if broken == "dense decode":
         monkeypatch.setattr(sae_model, "sparse_decode", _dense_decode)
+        monkeypatch.setattr(sae_model, "sparse_decode_with_aux", _dense_decode_with_aux)
         phase = "decode"
     else:
         monkeypatch.setattr(kernels.SparsePattern, "transpose_matmul", _dense_transpose_matmul)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mmsae.sae import sparse as sparse_module
 from mmsae.sae.kernels import (
+    DEFAULT_CHUNK_BYTES,
     SparsePattern,
     default_chunk_rows,
     dense_decode_reference,
     dense_topk_encode_reference,
     dot_at_indices,
     sparse_decode,
+    sparse_decode_with_aux,
     topk_encode,
 )
+from mmsae.sae.sparse import topk_rows
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -221,5 +225,144 @@ def test_kernels_reject_bad_shapes_and_k() -> None:
 
 
 def test_default_chunk_rows_bounds_the_buffer() -> None:
-    assert default_chunk_rows(32768) * 32768 * 4 == 128 * 2**20
+    assert default_chunk_rows(32768) * 32768 * 4 == DEFAULT_CHUNK_BYTES
     assert default_chunk_rows(10**12) == 1
+
+
+# ------------------------------------------------------------------------------------ wide top-k, AuxK
+
+
+def _assert_same_topk(values: torch.Tensor, k: int) -> None:
+    got_vals, got_idx = topk_rows(values, k)
+    want_vals, _ = values.topk(k, dim=1, sorted=False)
+    assert got_idx.shape == (values.shape[0], k)
+    # the same values (NaN as the largest), taken from the returned columns, no column twice
+    torch.testing.assert_close(got_vals.sort(1).values, want_vals.sort(1).values, equal_nan=True)
+    torch.testing.assert_close(values.gather(1, got_idx), got_vals, equal_nan=True)
+    assert (got_idx.sort(1).values.diff(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("k", [1, 8, 16])
+def test_topk_rows_preselection_gives_torch_topk_selection_on_wide_rows(k: int) -> None:
+    gen = torch.Generator().manual_seed(10)
+    rows, width = 37, 4096
+    assert sparse_module._preselect_block(torch.empty(rows, width), k) >= sparse_module.PRESELECT_MIN_BLOCK
+    values = torch.randn(rows, width, generator=gen)
+    values[0] = 1.0  # every value tied
+    values[1, 100:200] = 5.0  # more ties at the top than k
+    values[2, ::7] = float("-inf")
+    values[3, 5] = float("nan")
+    values[4] = float("-inf")
+    values[5, :3] = torch.tensor([50.0, 40.0, 30.0])  # the top values in one block
+    _assert_same_topk(values, k)
+    _assert_same_topk(values.bfloat16(), k)
+
+
+def test_topk_rows_takes_torch_topk_where_preselection_does_not_pay() -> None:
+    assert sparse_module._preselect_block(torch.empty(5, 4096), 200) == 0  # k too close to the width
+    assert sparse_module._preselect_block(torch.empty(5, 3003), 2) == 0  # odd: no block of 4 or more divides it
+    assert sparse_module._preselect_block(torch.empty(4096, 5).t(), 1) == 0  # not contiguous
+    _assert_same_topk(torch.randn(5, 3003), 2)
+
+
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_dense_aux_selection_matches_the_masked_one_with_gradients(input_grad: bool) -> None:
+    gen = torch.Generator().manual_seed(11)
+    n, m, d, k, k_aux = 23, 64, 6, 3, 5
+    x0, b_dec0 = torch.randn(n, d, generator=gen, dtype=torch.float64), torch.randn(d, generator=gen) * 0.1
+    w0, b0 = torch.randn(m, d, generator=gen, dtype=torch.float64), torch.randn(m, generator=gen) * 0.1
+    mask = torch.zeros(m, dtype=torch.bool)
+    mask[torch.randperm(m, generator=gen)[:9]] = True
+    probe, aux_probe = torch.randn(n, m, generator=gen, dtype=torch.float64), torch.randn(n, m, generator=gen)
+    results = []
+    for dense in (False, True):
+        x, b_dec, w, b = _leaves(x0, b_dec0.double(), w0, b0.double())
+        x.requires_grad_(input_grad)
+        enc = topk_encode(x, b_dec, w, b, k, aux_mask=mask, k_aux=k_aux, aux_dense=dense, chunk_rows=4)
+        assert (enc.aux_subset is not None) == dense
+        if dense:
+            assert torch.equal(enc.aux_subset.rows, mask.nonzero().squeeze(1))
+            assert torch.equal(enc.aux_subset.rows[enc.aux_subset.positions], enc.aux_indices)
+        aux = _dense(enc.aux_acts, enc.aux_indices, m)
+        ((_dense(enc.acts, enc.indices, m) * probe).sum() + (aux * aux_probe.double()).sum()).backward()
+        results.append((aux.detach(), [t.grad for t in (x, b_dec, w, b)]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for masked_grad, dense_grad in zip(results[0][1], results[1][1], strict=True):
+        if input_grad or masked_grad is not None:
+            torch.testing.assert_close(dense_grad, masked_grad)
+
+
+def test_topk_encode_with_a_dense_aux_selection_passes_gradcheck() -> None:
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    b_dec = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(12, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = torch.arange(12) % 3 == 0
+
+    def fn(x_, b_dec_, w_, b_):
+        enc = topk_encode(x_, b_dec_, w_, b_, 3, aux_mask=mask, k_aux=2, aux_dense=True, chunk_rows=2)
+        return enc.acts, enc.aux_acts
+
+    assert torch.autograd.gradcheck(fn, (x, b_dec, w, b))
+
+
+@pytest.mark.parametrize("subset", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_decode_with_aux_matches_two_reference_decodes(subset: bool, normalize: bool) -> None:
+    gen = torch.Generator().manual_seed(13)
+    n, m, d, k, k_aux = 11, 30, 5, 3, 4
+    idx = _distinct_indices(n, m, k, gen)
+    rows = torch.randperm(m, generator=gen)[:8].sort().values
+    positions = _distinct_indices(n, rows.numel(), k_aux, gen)
+    aux_idx = rows[positions]
+    acts0, aux0 = torch.rand(n, k, generator=gen, dtype=torch.float64), torch.rand(n, k_aux, generator=gen)
+    w0 = torch.randn(m, d, generator=gen, dtype=torch.float64) * 2
+    b0 = torch.randn(d, generator=gen, dtype=torch.float64)
+    probe, aux_probe = torch.randn(n, d, generator=gen, dtype=torch.float64), torch.randn(n, d, generator=gen)
+    from mmsae.sae.kernels import AuxSubset
+
+    acts, aux_acts, w, b = _leaves(acts0, aux0.double(), w0, b0)
+    out, aux_out = sparse_decode_with_aux(acts, idx, w, b, aux_acts, aux_idx, normalize_rows=normalize,
+                                          aux_subset=AuxSubset(rows, positions) if subset else None)
+    ((out * probe).sum() + (aux_out * aux_probe.double()).sum()).backward()
+
+    r_acts, r_aux, r_w, r_b = _leaves(acts0, aux0.double(), w0, b0)
+    w_used = r_w / (r_w.norm(dim=1, keepdim=True) + torch.finfo(r_w.dtype).eps) if normalize else r_w
+    ref, ref_aux = dense_decode_reference(r_acts, idx, w_used, r_b), dense_decode_reference(r_aux, aux_idx, w_used)
+    ((ref * probe).sum() + (ref_aux * aux_probe.double()).sum()).backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(aux_out, ref_aux)
+    for got, want in [(acts.grad, r_acts.grad), (aux_acts.grad, r_aux.grad), (w.grad, r_w.grad), (b.grad, r_b.grad)]:
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(
+        lambda a_, x_, w_: sparse_decode_with_aux(a_, idx, w_, None, x_, aux_idx, normalize_rows=normalize,
+                                                  aux_subset=AuxSubset(rows, positions) if subset else None),
+        (acts.detach().requires_grad_(), aux_acts.detach().requires_grad_(), w.detach().requires_grad_()))
+
+
+def test_cleared_gradients_are_written_again_and_accumulating_ones_are_not() -> None:
+    gen = torch.Generator().manual_seed(14)
+    n, m, d, k = 16, 40, 6, 3
+    x = torch.randn(n, d, generator=gen)
+    w_enc = torch.nn.Parameter(torch.randn(m, d, generator=gen))
+    w_dec = torch.nn.Parameter(torch.randn(m, d, generator=gen))
+
+    def backward() -> None:
+        box: list[SparsePattern | None] = [None]
+        enc = topk_encode(x, torch.zeros(d), w_enc, torch.zeros(m), k, pattern_box=box)
+        out = sparse_decode(enc.acts, enc.indices, w_dec, None, pattern=box[0], normalize_rows=True)
+        (out - x).pow(2).sum().backward()
+
+    reference = []
+    for _ in range(3):  # cleared between steps, as zero_grad(set_to_none=True) does: the storage comes back
+        backward()
+        reference.append((w_enc.grad.clone(), w_dec.grad.clone(), w_enc.grad.data_ptr(), w_dec.grad.data_ptr()))
+        w_enc.grad = w_dec.grad = None
+    assert reference[1][2:] == reference[2][2:]
+    for got, want in zip(reference[2][:2], reference[0][:2], strict=True):
+        torch.testing.assert_close(got, want)
+    backward()
+    backward()  # accumulates into the gradient that is still set: never handed out as a buffer
+    torch.testing.assert_close(w_enc.grad, 2 * reference[0][0])
+    torch.testing.assert_close(w_dec.grad, 2 * reference[0][1])

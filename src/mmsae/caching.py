@@ -4,15 +4,19 @@
 `forward_rows` runs one forward pass cut after the deepest hook point and returns, per hook point, the
 kept rows with their geometry columns (`keep_mask`: the token kinds, views and seeded share kept);
 `SetBuffer` gathers whole batches into a shard set; `SetWriter` writes sets in order on one background
-thread, so encoding and writing overlap the forward passes.
+thread, so encoding and writing overlap the forward passes. `StageTimes` adds up the seconds each part takes
+(the stage logs them; ``python -m bench cache`` reports them).
 """
 
 from __future__ import annotations
 
 import io
+import threading
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +30,42 @@ from mmsae.config import CacheConfig
 
 class CacheWriteError(RuntimeError):
     """A shard set could not be written (or follows one that could not)."""
+
+
+MAIN_PARTS = ("setup", "load_model", "wait_images", "forward", "geometry", "copies", "wait_writer", "seal")
+"""The main thread's parts, in order; their sum is the rank's wall-clock time less small bookkeeping."""
+WRITER_PARTS = ("concat", "encode", "hash", "write", "check", "records")
+"""The writer thread's parts (overlapping the main thread's, except while it waits in ``wait_writer``)."""
+
+
+class StageTimes:
+    """Seconds a rank of the cache stage spends per part; ``with times("forward"): ...`` adds to a part.
+
+    Main-thread parts (:data:`MAIN_PARTS`) follow each other; the writer thread's (:data:`WRITER_PARTS`,
+    prefixed ``writer_``) run beside them.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, part: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[part] = self.seconds.get(part, 0.0) + seconds
+
+    @contextmanager
+    def __call__(self, part: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(part, time.perf_counter() - t0)
+
+    def summary(self) -> str:
+        """One line, the parts in order with their seconds."""
+        order = [*MAIN_PARTS, *(f"writer_{p}" for p in WRITER_PARTS)]
+        names = [p for p in order if p in self.seconds] + sorted(set(self.seconds) - set(order))
+        return ", ".join(f"{p} {self.seconds[p]:.2f} s" for p in names)
 
 
 @dataclass
@@ -116,39 +156,50 @@ def image_loader(ds, chunks, processor, prompt, num_workers):
 
 
 @torch.inference_mode()
-def forward_rows(lmm, hooks, batch, c: CacheConfig, capture) -> dict[str, dict[str, torch.Tensor]]:
-    """One forward pass; returns per hook point the kept rows with their geometry columns."""
+def forward_rows(lmm, hooks, batch, c: CacheConfig, capture,
+                 times: StageTimes | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """One forward pass; returns per hook point the kept rows with their geometry columns.
+
+    ``times`` gets the parts ``forward``, ``geometry`` (token geometry, the kept tokens and their index
+    columns) and ``copies`` (the kept rows gathered, cast and brought to the host).
+    """
     from mmsae.models import token_geometry
 
+    times = times or StageTimes()
     inputs = batch["inputs"]
-    device = next(lmm.model.parameters()).device
-    model_inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
-    if "pixel_values" in model_inputs:
-        model_inputs["pixel_values"] = model_inputs["pixel_values"].to(next(lmm.model.parameters()).dtype)
-    with capture(lmm.model, hooks, stop_early=True) as acts:
-        lmm.model(**model_inputs)
-    ids = inputs["input_ids"]
-    attn = inputs.get("attention_mask", torch.ones_like(ids)).bool()
-    geo = token_geometry(lmm.family, lmm.config, ids, inputs.get("image_sizes"), lmm.processor,
-                         batch_num_images=inputs.get("batch_num_images"))
-    view = torch.as_tensor(np.asarray(geo.view))
-    # position in the unpadded sequence, so padding (left or right) never changes a row
-    pos = torch.cumsum(attn.long(), dim=1) - 1
-    b_idx = torch.as_tensor(batch["ok"], dtype=torch.int64)[:, None].expand_as(ids)
-    sel = keep_mask(c, view, attn, b_idx, pos).nonzero(as_tuple=True)
-    index_cols = {
-        "image_idx": b_idx[sel],
-        "token_pos": pos[sel].to(torch.int32),
-        "view": view[sel].to(torch.int16),
-        "row": torch.as_tensor(np.asarray(geo.row))[sel].to(torch.int16),
-        "col": torch.as_tensor(np.asarray(geo.col))[sel].to(torch.int16),
-    }
+    with times("forward"):
+        device = next(lmm.model.parameters()).device
+        model_inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+        if "pixel_values" in model_inputs:
+            model_inputs["pixel_values"] = model_inputs["pixel_values"].to(next(lmm.model.parameters()).dtype)
+        with capture(lmm.model, hooks, stop_early=True) as acts:
+            lmm.model(**model_inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the forward's own time (the copies below would wait for it anyway)
+    with times("geometry"):
+        ids = inputs["input_ids"]
+        attn = inputs.get("attention_mask", torch.ones_like(ids)).bool()
+        geo = token_geometry(lmm.family, lmm.config, ids, inputs.get("image_sizes"), lmm.processor,
+                             batch_num_images=inputs.get("batch_num_images"))
+        view = torch.as_tensor(np.asarray(geo.view))
+        # position in the unpadded sequence, so padding (left or right) never changes a row
+        pos = torch.cumsum(attn.long(), dim=1) - 1
+        b_idx = torch.as_tensor(batch["ok"], dtype=torch.int64)[:, None].expand_as(ids)
+        sel = keep_mask(c, view, attn, b_idx, pos).nonzero(as_tuple=True)
+        index_cols = {
+            "image_idx": b_idx[sel],
+            "token_pos": pos[sel].to(torch.int32),
+            "view": view[sel].to(torch.int16),
+            "row": torch.as_tensor(np.asarray(geo.row))[sel].to(torch.int16),
+            "col": torch.as_tensor(np.asarray(geo.col))[sel].to(torch.int16),
+        }
     out = {}
     dtype = activations.DTYPES[c.dtype]
-    for h in hooks:
-        x = acts[h.name]
-        rows = x[sel[0].to(x.device), sel[1].to(x.device)].to("cpu", dtype)
-        out[h.name] = {"acts": rows, **index_cols}
+    with times("copies"):
+        for h in hooks:
+            x = acts[h.name]
+            rows = x[sel[0].to(x.device), sel[1].to(x.device)].to("cpu", dtype)
+            out[h.name] = {"acts": rows, **index_cols}
     return out
 
 

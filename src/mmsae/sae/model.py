@@ -32,7 +32,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
@@ -41,6 +40,7 @@ from mmsae.sae.kernels import (
     TopKEncoding,
     default_chunk_rows,
     sparse_decode,
+    sparse_decode_with_aux,
     topk_encode,
 )
 
@@ -208,7 +208,8 @@ AUX_SUBSET_RATIO = 4
 
 class _AuxKPlan(NamedTuple):
     """The AuxK term of one forward pass: dead latents on the model's device (None without any), width
-    (0: no AuxK term) and whether it runs densely over the dead subset (else in the sparse kernels)."""
+    (0: no AuxK term) and whether it runs densely over the dead latents' columns and rows (else through the
+    sparse kernels with a ``k_aux``-wide pattern)."""
 
     mask: Tensor | None
     k_aux: int
@@ -218,6 +219,44 @@ class _AuxKPlan(NamedTuple):
 def _batch_variance(z: Tensor) -> Tensor:
     """``Σ‖z − mean(z)‖²`` over the rows of ``z``."""
     return (z - z.mean(0)).pow(2).sum()
+
+
+def _sum_of_squares(flat: Tensor) -> Tensor:
+    """``Σ flat²`` of a 1-D tensor, in its own precision (never autocast's); a dot product (no squared copy)
+    where BLAS has one."""
+    with torch.autocast(flat.device.type, enabled=False):
+        if flat.dtype in (torch.float32, torch.float64):
+            return torch.dot(flat, flat)
+        return flat.float().pow(2).sum()
+
+
+class _SquaredDistance(torch.autograd.Function):
+    """``(Σ (a − b)², a − b)``: the difference is made once and returned (not differentiable), the sum taken
+    without a squared copy, and the backward's gradient is its only new tensor of that size (instead of the
+    four or five temporaries ``(a - b).pow(2).sum()`` leaves to autograd)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        diff = a - b
+        ctx.save_for_backward(diff)
+        ctx.mark_non_differentiable(diff)
+        return _sum_of_squares(diff.reshape(-1)), diff
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _grad_diff: Any) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        (diff,) = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad
+        if not (need_a or need_b):
+            return None, None
+        grad_a = diff * (2.0 * grad)
+        if not need_b:
+            return grad_a, None
+        return (grad_a if need_a else None), (-grad_a if need_a else grad_a.neg_())
+
+
+def squared_distance(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``Σ (a − b)²`` (differentiable in ``a`` and ``b``) and ``a − b`` (not differentiable)."""
+    return _SquaredDistance.apply(a, b)
 
 
 class TopKSAE(nn.Module):
@@ -231,7 +270,8 @@ class TopKSAE(nn.Module):
         dtype: torch.dtype | None = None,
         chunk_rows: int | None = None,
     ) -> None:
-        """``chunk_rows`` sets tokens per encoder chunk (default: a 128 MiB pre-activation buffer).
+        """``chunk_rows`` sets tokens per encoder chunk (default: a 512 MiB pre-activation buffer, see
+        :data:`~mmsae.sae.kernels.DEFAULT_CHUNK_BYTES`).
 
         ``normalize_in_forward`` starts False (the decoder rows are used as stored); see :meth:`decoder_weight`.
         """
@@ -396,17 +436,22 @@ class TopKSAE(nn.Module):
 
         # with normalize_in_forward the decoder applies decoder_weight()'s normalisation itself (fused)
         norm = self.normalize_in_forward
-        sae_out = sparse_decode(
-            top_acts, top_idx, self.W_dec, self.b_dec, pattern=pattern, normalize_rows=norm
-        )
+        e_hat = None
+        if aux.k_aux > 0:  # AuxK's reconstruction of the residual in the same decode (one W_dec gradient)
+            sae_out, e_hat = sparse_decode_with_aux(
+                top_acts, top_idx, self.W_dec, self.b_dec, enc.aux_acts, enc.aux_indices,
+                aux_subset=enc.aux_subset, pattern=pattern, normalize_rows=norm,
+            )
+        else:
+            sae_out = sparse_decode(top_acts, top_idx, self.W_dec, self.b_dec, pattern=pattern, normalize_rows=norm)
         if variance_of is None:
             variance_of = _batch_variance
         if total_variance is None:
             total_variance = variance_of(y)
-        residual = y - sae_out
-        fvu = residual.pow(2).sum() / total_variance
+        squared_error, residual = squared_distance(y, sae_out)
+        fvu = squared_error / total_variance
         zero = fvu.new_zeros(())
-        auxk_loss = self._auxk_loss(y, residual, enc, aux, variance_of) if aux.k_aux > 0 else zero
+        auxk_loss = self._auxk_loss(e_hat, residual, variance_of) if e_hat is not None else zero
         multi_topk_fvu = self._multi_topk_fvu(y, enc, total_variance) if self.cfg.multi_topk else zero
 
         return ForwardOutput(
@@ -442,11 +487,10 @@ class TopKSAE(nn.Module):
         self, y: Tensor, aux: _AuxKPlan
     ) -> tuple[TopKEncoding, Tensor, Tensor, SparsePattern | None]:
         """Encode ``y`` ``[n, d_in]`` once: the kernel's encoding (its top ``4k`` with Multi-TopK; the AuxK
-        selection on the sparse path), the top-k values and indices ``[n, k]`` and their sparse pattern
-        (None with Multi-TopK, where the top k are picked from the 4k)."""
+        selection, taken from the same encoder product), the top-k values and indices ``[n, k]`` and their
+        sparse pattern (None with Multi-TopK, where the top k are picked from the 4k)."""
         k = self.cfg.k
         k_fetch = 4 * k if self.cfg.multi_topk else k
-        sparse_aux = aux.mask is not None and not aux.dead_subset
         box: list[SparsePattern | None] = [None]
         enc = topk_encode(
             y,
@@ -454,8 +498,9 @@ class TopKSAE(nn.Module):
             self.encoder.weight,
             self.encoder.bias,
             k_fetch,
-            aux_mask=aux.mask if sparse_aux else None,
-            k_aux=aux.k_aux if sparse_aux else 0,
+            aux_mask=aux.mask if aux.k_aux > 0 else None,
+            k_aux=aux.k_aux,
+            aux_dense=aux.dead_subset,
             chunk_rows=self._chunk_rows(),
             pattern_box=box if k_fetch == k else None,
         )
@@ -464,45 +509,18 @@ class TopKSAE(nn.Module):
         top_acts, pos = enc.acts.topk(k, dim=1, sorted=False)
         return enc, top_acts, enc.indices.gather(1, pos), None
 
-    def _auxk_loss(
-        self,
-        y: Tensor,
-        residual: Tensor,
-        enc: TopKEncoding,
-        aux: _AuxKPlan,
-        variance_of: Callable[[Tensor], Tensor],
-    ) -> Tensor:
-        """AuxK loss: the dead latents' reconstruction of the detached ``residual`` (no ``b_dec``), its squared
-        error over the residual's variance."""
-        if aux.dead_subset:
-            e_hat = self._aux_decode_subset(y, aux.mask, aux.k_aux)
-        else:
-            e_hat = sparse_decode(
-                enc.aux_acts, enc.aux_indices, self.W_dec, None, normalize_rows=self.normalize_in_forward
-            )
+    def _auxk_loss(self, e_hat: Tensor, residual: Tensor, variance_of: Callable[[Tensor], Tensor]) -> Tensor:
+        """AuxK loss: the squared error of the dead latents' reconstruction ``e_hat`` of the detached
+        ``residual``, over the residual's variance."""
         e = residual.detach()
-        return (e_hat - e).pow(2).sum() / variance_of(e.float()).clamp_min(1e-12)
+        return squared_distance(e_hat, e)[0] / variance_of(e.float()).clamp_min(1e-12)
 
     def _multi_topk_fvu(self, y: Tensor, enc: TopKEncoding, total_variance: Tensor) -> Tensor:
         """FVU of the reconstruction from all ``4k`` latents the encoder selected (Multi-TopK)."""
         multi_out = sparse_decode(
             enc.acts, enc.indices, self.W_dec, self.b_dec, normalize_rows=self.normalize_in_forward
         )
-        return (multi_out - y).pow(2).sum() / total_variance
-
-    def _aux_decode_subset(self, y: Tensor, dead: Tensor, k_aux: int) -> Tensor:
-        """AuxK's reconstruction of the residual from the top ``k_aux`` dead latents (no ``b_dec``), computed
-        with dense products over the dead latents' rows only; the same function as the sparse path."""
-        rows = dead.nonzero().squeeze(1)
-        w_enc = self.encoder.weight.index_select(0, rows)
-        # (y - b_dec) W^T + b as y W^T - (b_dec W^T - b): b_dec's gradient then needs no [n, d] product
-        pre = F.linear(y, w_enc) - F.linear(self.b_dec, w_enc, -self.encoder.bias.index_select(0, rows))
-        vals, pos = pre.topk(k_aux, dim=1, sorted=False)
-        z = torch.zeros_like(pre).scatter(1, pos, vals.relu())
-        w = self.W_dec.index_select(0, rows)
-        if self.normalize_in_forward:
-            w = w / (torch.linalg.vector_norm(w, dim=1, keepdim=True) + torch.finfo(w.dtype).eps)
-        return z @ w
+        return squared_distance(multi_out, y)[0] / total_variance
 
     # ----------------------------------------------------------------------------- step contract
 

@@ -141,12 +141,17 @@ def warmup_steps(t: TrainConfig, total: int) -> int:
 def global_variance(x: torch.Tensor, world: int) -> torch.Tensor:
     """Σ‖x − mean‖² over the global batch, of which every rank holds a slice ``x`` (a constant: no gradient)."""
     x = x.float()
-    stats = torch.cat([x.sum(0), x.pow(2).sum(0), torch.tensor([x.shape[0]], dtype=torch.float32, device=x.device)])
+    flat = x.reshape(-1)
+    # Σ‖x − mean‖² = Σx² − ‖Σx‖²/count; Σx² as a dot product (no squared copy of the batch), in float32 even
+    # under autocast
+    with torch.autocast(x.device.type, enabled=False):
+        squares = torch.dot(flat, flat)
+    stats = torch.cat([x.sum(0), squares.reshape(1), torch.tensor([x.shape[0]], dtype=torch.float32, device=x.device)])
     if world > 1:
         torch.distributed.all_reduce(stats)
     d = x.shape[1]
-    sums, squares, count = stats[:d], stats[d : 2 * d], stats[-1]
-    return (squares - sums * sums / count).sum()
+    sums, squares, count = stats[:d], stats[d], stats[d + 1]
+    return squares - (sums * sums).sum() / count
 
 
 class SaeBundle(nn.Module):
@@ -184,16 +189,21 @@ class SaeBundle(nn.Module):
         return total, outs
 
 
-def build_engine(bundle: SaeBundle, t: TrainConfig, world: int, total_steps: int):
+def build_engine(bundle: SaeBundle, t: TrainConfig, world: int, total_steps: int, *,
+                 zero_stage: int | None = None):
     """The DeepSpeed engine that trains ``bundle`` over ``world`` ranks (one Adam group per SAE).
 
-    With one rank ZeRO stage 0 is used whatever ``t.zero_stage`` says, and the engine's gradient all-reduce
-    is switched off: there is nothing to partition or reduce, and both would only copy every gradient
-    (``python -m bench train`` measures the step).
+    ``zero_stage`` None (the stage's choice): ``t.zero_stage`` over several ranks; with one rank stage 0,
+    whatever ``t.zero_stage`` says, and the engine's gradient all-reduce switched off: there is nothing to
+    partition or reduce, and both would only copy every gradient (``python -m bench train`` measures the
+    step). An explicit ``zero_stage`` (0-2) is used as given, one rank included (the GPU profile's ZeRO-2 on
+    one GPU).
     """
     import deepspeed
 
-    stage = t.zero_stage if world > 1 else 0
+    if zero_stage is not None and zero_stage not in (0, 1, 2):
+        raise ValueError(f"zero_stage must be 0, 1 or 2 (or None for the stage's choice), got {zero_stage}")
+    stage = zero_stage if zero_stage is not None else (t.zero_stage if world > 1 else 0)
     groups = [{"params": list(bundle.saes[v.key].parameters()), "lr": v.lr} for v in bundle.variants]
     # torch's fused Adam (CPU and CUDA): no DeepSpeed op to compile
     optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
@@ -210,6 +220,6 @@ def build_engine(bundle: SaeBundle, t: TrainConfig, world: int, total_steps: int
     }
     engine, _, _, _ = deepspeed.initialize(model=bundle, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
-    if world == 1:
+    if world == 1 and stage == 0:
         engine.enable_backward_allreduce = False  # what DeepSpeed itself sets when it has no process group
     return engine
