@@ -210,32 +210,6 @@ def test_stage_refuses_multi_token_answers_and_reuses_its_output(stage_world, tm
     assert stage.run(cfg).figures == first.figures
 
 
-def test_component_passes_pointers_and_logs_finite_figures(tmp_path, monkeypatch):
-    from mmsae.components.attribute import attribute as component
-    from mmsae.config import dump_config, load_config
-    from mmsae.stages._base import StageOutputs
-    from tests.test_components import (
-        FIGURES,
-        METRICS,
-        FakeArtifact,
-        FakeMetrics,
-        assert_points_to,
-        pointer_in_file,
-        stand_in,
-    )
-
-    cfg = load_config(None, [f"run.workdir={tmp_path / 'work'}", "attribute.images=3", "tracking.enabled=false"])
-    calls = stand_in(monkeypatch, "attribute", StageOutputs("s3://bucket/run/attribute", FIGURES))
-    pointer, metrics = FakeArtifact(tmp_path, "attributions"), FakeMetrics(tmp_path)
-    component.python_func(config_yaml=dump_config(cfg), parent_run_id="parent", attributions=pointer, metrics=metrics,
-                          top_examples=pointer_in_file(tmp_path, "top_examples", "/data/mined"))
-    (given,), kwargs = calls[0]
-    assert given == cfg
-    assert kwargs == {"top_examples": "/data/mined", "parent_run_id": "parent"}
-    assert_points_to(pointer, "s3://bucket/run/attribute")
-    assert metrics.logged == METRICS
-
-
 def test_the_command_attributes_and_reports_bad_input_in_one_line(stage_world, tmp_path):  # noqa: F811
     from typer.testing import CliRunner
 

@@ -94,23 +94,30 @@ def test_the_figures_are_a_real_test_of_the_metrics_rule():
     assert any(isinstance(v, float) and math.isnan(v) for v in FIGURES.values())
 
 
-# component, its stage's keyword for each input pointer, and its output pointer
+# component, its stage's keyword for each input pointer, its output pointer, and its optional inputs
 POINTER_STAGES = [
-    ("cache", {"image_set": "image_set", "lmm": "model"}, "shards"),
-    ("train", {"shards": "shards"}, "sae"),
-    ("mine", {"shards": "shards", "sae": "sae"}, "top_examples"),
+    ("cache", {"image_set": "image_set", "lmm": "model"}, "shards", ()),
+    ("train", {"shards": "shards"}, "sae", ()),
+    ("mine", {"shards": "shards", "sae": "sae"}, "top_examples", ()),
+    ("explain", {"top_examples": "top_examples"}, "explanations", ()),
+    ("score", {"explanations": "explanations", "top_examples": "top_examples"}, "scores", ()),
+    ("attribute", {"top_examples": "top_examples"}, "attributions", ()),
+    ("steer", {"top_examples": "top_examples", "explanations": "explanations", "attributions": "attributions"},
+     "steering", ("explanations", "attributions")),
 ]
 
 
 @pytest.mark.parametrize("parent", ["", "parent-run-1"])
-@pytest.mark.parametrize(("name", "inputs", "output"), POINTER_STAGES, ids=[s[0] for s in POINTER_STAGES])
-def test_stage_component_passes_pointers_and_logs_finite_figures(name, inputs, output, parent, config, tmp_path,
-                                                                 monkeypatch):
+@pytest.mark.parametrize(("name", "inputs", "output", "optional"), POINTER_STAGES, ids=[s[0] for s in POINTER_STAGES])
+def test_stage_component_passes_pointers_and_logs_finite_figures(name, inputs, output, optional, parent, config,
+                                                                 tmp_path, monkeypatch):
     component = getattr(importlib.import_module(f"mmsae.components.{name}"), name)
     out_uri = f"s3://bucket/run/{name}"
     calls = stand_in(monkeypatch, name, StageOutputs(out_uri, FIGURES))
+    left_out = set(optional) if not parent else set()  # optional inputs go to the stage as None when not given
     given = {}
-    for i, param in enumerate(inputs):  # one pointer in its metadata, the next in its file only
+    # one pointer in its metadata, the next in its file only
+    for i, param in enumerate(each for each in inputs if each not in left_out):
         make = pointer_in_metadata if i % 2 == 0 else pointer_in_file
         given[param] = make(tmp_path, param, f"/data/{param}-uri")
     pointer, metrics = FakeArtifact(tmp_path, output), FakeMetrics(tmp_path)
@@ -119,8 +126,8 @@ def test_stage_component_passes_pointers_and_logs_finite_figures(name, inputs, o
     assert len(calls) == 1
     (cfg,), kwargs = calls[0]
     assert cfg == config
-    assert kwargs == {**{stage_kw: f"/data/{param}-uri" for param, stage_kw in inputs.items()},
-                      "parent_run_id": parent or None}
+    assert kwargs == {**{stage_kw: None if param in left_out else f"/data/{param}-uri"
+                         for param, stage_kw in inputs.items()}, "parent_run_id": parent or None}
     assert_points_to(pointer, out_uri)
     assert metrics.logged == METRICS
 

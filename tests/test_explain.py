@@ -17,7 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mmsae import storage
-from mmsae.config import ExplainConfig, RunConfig, dump_config, load_config
+from mmsae.config import ExplainConfig, RunConfig, dump_config
 from mmsae.explainers import CachedExplainer, EndpointError, ExplainError, plan_explainer
 from mmsae.explainers.cache import question_key
 from mmsae.explainers.local import LocalExplainer, concept_words, shared_words
@@ -486,36 +486,3 @@ def test_local_backend_captions_with_a_real_checkpoint(tmp_path, tiny_checkpoint
     assert out.figures["ok"] + out.figures["unable"] == 3
     assert all(len(r["raw_reply"].split("\n")) == 3 for r in got.values())
     assert all(0 < r["completion_tokens"] <= 3 * 4 and r["prompt_tokens"] > 0 for r in got.values())
-
-
-# ---------------------------------------------------------------------------------------------------
-# the component
-
-
-def test_component_passes_pointers_and_logs_finite_figures(tmp_path, monkeypatch):
-    from mmsae.components.explain import explain as component
-    from tests.test_components import (
-        FIGURES,
-        METRICS,
-        FakeArtifact,
-        FakeMetrics,
-        assert_points_to,
-        pointer_in_file,
-        stand_in,
-    )
-
-    cfg = load_config(None, [f"run.workdir={tmp_path / 'work'}", "explain.concurrency=7",
-                             "tracking.enabled=false"])
-    calls = stand_in(monkeypatch, "explain", StageOutputs("s3://bucket/run/explain", FIGURES))
-    pointer, metrics = FakeArtifact(tmp_path, "explanations"), FakeMetrics(tmp_path)
-    top = pointer_in_file(tmp_path, "top_examples", "/data/mined")
-    component.python_func(config_yaml=dump_config(cfg), parent_run_id="", explanations=pointer,
-                          metrics=metrics, top_examples=top)
-    (given,), kwargs = calls[0]
-    assert given == cfg and kwargs == {"top_examples": "/data/mined", "parent_run_id": None}
-    assert_points_to(pointer, "s3://bucket/run/explain")
-    assert metrics.logged == METRICS
-
-
-# ---------------------------------------------------------------------------------------------------
-# the pipeline step

@@ -16,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mmsae import examples, storage
-from mmsae.config import RunConfig, ScoreConfig, ToyWorldConfig, dump_config, load_config
+from mmsae.config import RunConfig, ScoreConfig, ToyWorldConfig
 from mmsae.explainers import Detection, EndpointError, Explainer, Explanation
 from mmsae.explainers.local import LocalExplainer
 from mmsae.scorers import Pair, PairScore, ScoreError, Skipped, Subject, derangement
@@ -615,32 +615,6 @@ def test_sealed_scores_are_reused_refused_after_new_explanations_and_redone_on_o
     planted.run.overwrite = True
     again = score.run(planted)
     assert again.figures["ground_truth"] == 0.75 and first.figures["ground_truth"] == 1.0
-
-
-def test_component_passes_pointers_and_logs_finite_figures(tmp_path, monkeypatch):
-    from mmsae.components.score import score as component
-    from tests.test_components import (
-        FIGURES,
-        METRICS,
-        FakeArtifact,
-        FakeMetrics,
-        assert_points_to,
-        pointer_in_file,
-        pointer_in_metadata,
-        stand_in,
-    )
-
-    cfg = load_config(None, [f"run.workdir={tmp_path / 'work'}", "score.top_images=3", "tracking.enabled=false"])
-    calls = stand_in(monkeypatch, "score", StageOutputs("s3://bucket/run/score", FIGURES))
-    pointer, metrics = FakeArtifact(tmp_path, "scores"), FakeMetrics(tmp_path)
-    component.python_func(config_yaml=dump_config(cfg), parent_run_id="parent", scores=pointer, metrics=metrics,
-                          explanations=pointer_in_metadata(tmp_path, "explanations", "/data/explained"),
-                          top_examples=pointer_in_file(tmp_path, "top_examples", "/data/mined"))
-    (given,), kwargs = calls[0]
-    assert given == cfg
-    assert kwargs == {"explanations": "/data/explained", "top_examples": "/data/mined", "parent_run_id": "parent"}
-    assert_points_to(pointer, "s3://bucket/run/score")
-    assert metrics.logged == METRICS
 
 
 def test_the_command_scores_and_reports_a_missing_input_in_one_line(planted, tmp_path):

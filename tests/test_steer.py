@@ -395,35 +395,6 @@ def test_bad_strengths_and_reuse_follow_the_rules(stage_world, tmp_path, monkeyp
     assert {r["strength"] for r in read_rows(steer.run(changed).uri, steer.RECORDS_FILE)} == {3.0}
 
 
-def test_component_passes_pointers_and_logs_finite_figures(tmp_path, monkeypatch):
-    from mmsae.components.steer import steer as component
-    from mmsae.config import dump_config, load_config
-    from mmsae.stages._base import StageOutputs
-    from tests.test_components import (
-        FIGURES,
-        METRICS,
-        FakeArtifact,
-        FakeMetrics,
-        assert_points_to,
-        pointer_in_file,
-        pointer_in_metadata,
-        stand_in,
-    )
-
-    cfg = load_config(None, [f"run.workdir={tmp_path / 'work'}", "steer.strengths=[2.0]", "tracking.enabled=false"])
-    calls = stand_in(monkeypatch, "steer", StageOutputs("s3://bucket/run/steer", FIGURES))
-    pointer, metrics = FakeArtifact(tmp_path, "steering"), FakeMetrics(tmp_path)
-    component.python_func(config_yaml=dump_config(cfg), parent_run_id="parent", steering=pointer, metrics=metrics,
-                          top_examples=pointer_in_file(tmp_path, "top_examples", "/data/mined"),
-                          explanations=pointer_in_metadata(tmp_path, "explanations", "/data/explained"))
-    (given,), kwargs = calls[0]
-    assert given == cfg
-    assert kwargs == {"top_examples": "/data/mined", "explanations": "/data/explained", "attributions": None,
-                      "parent_run_id": "parent"}
-    assert_points_to(pointer, "s3://bucket/run/steer")
-    assert metrics.logged == METRICS
-
-
 def test_the_command_steers_and_reports_bad_input_in_one_line(stage_world, tmp_path):
     import json
 

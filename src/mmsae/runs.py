@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from mlflow.entities import Run
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mmsae import tracking
+from mmsae.dashboard_figures import finite_number
 
 log = logging.getLogger(__name__)
 
@@ -214,18 +214,8 @@ def _layer(group: list[Run]) -> Any:
 
 
 def _sort_key(value: Any) -> tuple[int, float, str]:
-    number = _number(value)
+    number = finite_number(value)
     return (0, number, "") if number is not None else (1, 0.0, str(value))
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -292,9 +282,9 @@ def _scatter(ax, rows: list[dict[str, Any]], axis: str, figure: str, colours: di
 
     values = [row[axis] for row in rows if row[axis] is not None]
     categories = (sorted({str(v) for v in values}, key=_sort_key)
-                  if any(_number(v) is None for v in values) else None)
+                  if any(finite_number(v) is None for v in values) else None)
     points = [(row[axis], float(row[figure]), row["run"]) for row in rows
-              if row[axis] is not None and _number(row[figure]) is not None]
+              if row[axis] is not None and finite_number(row[figure]) is not None]
     if not points:
         ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
         ax.set_xticks([])
