@@ -35,9 +35,15 @@ summarised by medians:
 (:class:`mmsae.caching.StageTimes`: setup, waiting for images, forward, geometry, copies, waiting for the
 writer, sealing on the main thread; concatenation, encoding, hashing, writing, the NaN/inf check and records
 on the writer thread, which runs beside the main thread); ``stage_extra_seconds``, the stage's median less
-the truncated forward's; ``writer_bytes_per_s``, the shard bytes over the writer thread's busy seconds (the
-rate a forward may produce bytes at before the writer holds it back: at 40-60 % of an H100's bf16 peak the 8B
-produces roughly 0.4-0.6 GB/s of bfloat16 rows, twice that in float32).
+the truncated forward's; ``writer_bytes_per_s``, the shard bytes over the writer threads' busy seconds (one
+thread's rate).
+
+``writer``: the rate a forward may produce bytes at before the writers hold it back (at 40-60 % of an H100's
+bf16 peak the 8B produces roughly 0.4-0.6 GB/s of bfloat16 rows, twice that in float32). The stage's own
+writer (:class:`mmsae.caching.SetWriter` over the stage's set writing and committing) writes
+:data:`WRITER_SETS` shard sets of the 8B's width (4096) in bfloat16, :data:`WRITER_ROWS` rows each, to a local
+folder, with one writer thread and with the default ``cache.writers``, interleaved over
+:data:`WRITER_REPS` rounds after a warm-up: bytes per second of each (medians) and their ratio.
 
 The forward runs on one intra-op thread (:data:`TORCH_THREADS`, restored afterwards): the second core is left
 to the decoding worker, as a host CPU is to an accelerator. With two threads on a 2-core machine that other
@@ -75,6 +81,11 @@ EIGHT_B_SEQUENCE = 2928
 """Tokens of a 672 x 672 image in llava-next-8b: 576 base-view tokens, 2 x 2 tiles of 576, 48 newlines."""
 INDEX_BYTES = 8 + 4 + 2 + 2 + 2
 """Bytes of a cached row's index columns (image_idx int64, token_pos int32, view, row, col int16)."""
+WRITER_WIDTH = 4096
+WRITER_ROWS = 8192
+"""Rows per set of the writer measurement (64 MiB of bfloat16 activations at the 8B's width)."""
+WRITER_SETS = 6
+WRITER_REPS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +270,7 @@ def main() -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads)
     rep = cases["representative"]
+    writer = writer_throughput(CacheConfig().writers)
     dtype_bytes = torch.tensor([], dtype=getattr(torch, CacheConfig().dtype)).element_size()
     result = {
         "goal_stage_over_forward_truncated": GOAL,
@@ -266,6 +278,7 @@ def main() -> dict[str, Any]:
         "meets_goal": rep["stage_over_forward_truncated"] <= GOAL,
         "eight_b": eight_b_compute(dtype_bytes),
         "cases": cases,
+        "writer": writer,
         "torch_threads": TORCH_THREADS,
         "stage_dtype": CacheConfig().dtype,
         "stage_num_workers": CacheConfig().num_workers,
@@ -276,7 +289,62 @@ def main() -> dict[str, Any]:
                  result["eight_b"]["flop_per_cached_byte"], case["stage_over_forward_truncated"],
                  case["stage_workers_0_over_forward_truncated"],
                  {k: round(v, 3) for k, v in case["breakdown"]["stage"].items()})
+    log.info("shard writing (%d sets of %d x %d bfloat16): %.0f MB/s with one writer, %.0f MB/s with %d (%.2fx)",
+             WRITER_SETS, WRITER_ROWS, WRITER_WIDTH, writer["bytes_per_s"]["1"] / 1e6,
+             writer["bytes_per_s"][str(writer["writers"])] / 1e6, writer["writers"], writer["speedup"])
     return result
+
+
+def _shard_set(index: int, rows: int, width: int) -> Any:
+    from mmsae.caching import SetBuffer
+
+    gen = torch.Generator().manual_seed(SEED + index)
+    buf = SetBuffer.empty(index * rows, ["layers.16"])
+    buf.parts["layers.16"].append({
+        "acts": torch.randn(rows, width, generator=gen).to(torch.bfloat16),
+        "image_idx": torch.arange(rows) // 2340 + index * rows, "token_pos": torch.arange(rows, dtype=torch.int32),
+        "view": torch.zeros(rows, dtype=torch.int16), "row": torch.zeros(rows, dtype=torch.int16),
+        "col": torch.zeros(rows, dtype=torch.int16)})
+    buf.rows = rows
+    return buf
+
+
+def _write_sets(out: Path, sets: list[Any], writers: int) -> tuple[float, int]:
+    """The stage's writer over ``sets`` into ``out``: seconds and bytes."""
+    import functools
+
+    from mmsae.caching import SetWriter
+    from mmsae.stages import cache as cache_stage
+
+    writer = SetWriter(functools.partial(cache_stage._write_set_files, str(out), 0),
+                       functools.partial(cache_stage._commit_set, str(out), 0), writers)
+    t0 = time.perf_counter()
+    try:
+        for index, buf in enumerate(sets):
+            writer.submit(index, buf, index + 1, {"next_shard": index + 1})
+        written = writer.reap(in_flight=0)
+    finally:
+        writer.close()
+    return time.perf_counter() - t0, written
+
+
+def writer_throughput(writers: int) -> dict[str, Any]:
+    """Bytes per second of the stage's shard writing with one writer and with ``writers``, interleaved."""
+    sets = [_shard_set(i, WRITER_ROWS, WRITER_WIDTH) for i in range(WRITER_SETS)]
+    counts = sorted({1, writers})
+    rates: dict[str, list[float]] = {str(c): [] for c in counts}
+    with tempfile.TemporaryDirectory(prefix="bench-writer-") as tmp:
+        _write_sets(Path(tmp) / "warmup", sets[:2], writers)  # page cache and thread start-up
+        for rep in range(WRITER_REPS):
+            for count in counts if rep % 2 == 0 else counts[::-1]:
+                out = Path(tmp) / f"{count}-{rep}"
+                seconds, written = _write_sets(out, sets, count)
+                rates[str(count)].append(written / seconds)
+                shutil.rmtree(out)
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    return {"writers": writers, "sets": WRITER_SETS, "rows": WRITER_ROWS, "width": WRITER_WIDTH,
+            "dtype": "bfloat16", "bytes_per_s": median, "runs": rates,
+            "speedup": median[str(writers)] / median["1"]}
 
 
 def measure(case: Case, root: Path) -> dict[str, Any]:

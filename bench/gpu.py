@@ -21,8 +21,9 @@ Parts, each reported with its own seconds:
   generated images of varied sizes; beside it the forward pass cut at that layer over the same batches,
   already preprocessed and on the device. The model is built once in memory and handed to the stage in
   place of loading it (its folder holds the config and processor, which the stage fingerprints). The last
-  stage run's seconds per part (:class:`mmsae.caching.StageTimes`) and its writer thread's bytes per second
-  come with it: on a GPU the writer (encoding, hashing, writing with fsync) may hold the forward back.
+  stage run's seconds per part (:class:`mmsae.caching.StageTimes`) and one writer thread's bytes per second
+  come with it (the stage runs ``writers`` of them): on a GPU the writers (encoding, hashing, writing with
+  fsync) may hold the forward back.
 * ``mine``: the cache stage's shards streamed through a random SAE of the train shape on the device, once
   encode-only and once into the mine stage's :class:`~mmsae.mining.Miner` (default ``MineConfig``).
 
@@ -82,6 +83,8 @@ class Profile:
     """Smallest and largest generated side in pixels."""
     batch_size: int
     num_workers: int
+    writers: int
+    """The cache stage's shard-writer threads (``cache.writers``)."""
     shard_rows: int
     reps: int
     """Interleaved repetitions of the stage / forward and of encode / mine."""
@@ -99,7 +102,7 @@ FULL = Profile(
     vision=dict(hidden_size=1024, num_hidden_layers=24, intermediate_size=4096, num_attention_heads=16,
                 patch_size=14, image_size=336, projection_dim=768),
     pinpoints=LLAVA_NEXT_PINPOINTS, layer=16, images=256, image_sides=(200, 1400), batch_size=8,
-    num_workers=6, shard_rows=65536, reps=2, peak_side=8192,
+    num_workers=6, writers=4, shard_rows=65536, reps=2, peak_side=8192,
 )
 TINY = Profile(
     name="tiny",
@@ -110,7 +113,7 @@ TINY = Profile(
     vision=dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=2,
                 patch_size=8, image_size=32, projection_dim=32),
     pinpoints=[[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]], layer=2, images=10, image_sides=(20, 120),
-    batch_size=4, num_workers=0, shard_rows=256, reps=1, peak_side=256,
+    batch_size=4, num_workers=0, writers=2, shard_rows=256, reps=1, peak_side=256,
 )
 
 
@@ -327,6 +330,7 @@ def _run_stage(profile: Profile, device: torch.device, image_set: str, model_dir
         "image_set": image_set, "model": str(model_dir), "out": str(out), "layers": [profile.layer],
         "batch_size": profile.batch_size, "shard_rows": profile.shard_rows, "prompt": PROMPT,
         "dtype": "bfloat16", "model_dtype": model_dtype, "device": str(device), "num_workers": profile.num_workers,
+        "writers": profile.writers,
         **changes,
     })
     sync = timing.cuda_sync(device)

@@ -667,3 +667,31 @@ def test_settings_added_later_leave_the_key_of_shards_made_before_them(tmp_path)
     assert not set(cache.ADDED_LATER) & set(key.config)
     cfg.cache = cfg.cache.model_copy(update={"token_fraction": 0.5})
     assert cache.output_key(cfg.cache).changes(key.to_json()) == ["setting token_fraction: (unset) -> 0.5"]
+
+
+def test_several_writers_write_the_same_bytes_as_one(tmp_path, world, monkeypatch):
+    """Sets finishing out of order (the first one slowed down) change no byte of the artifact."""
+    images, model = world["images"], world["models"]["llava_next"]
+    one = tmp_path / "one"
+    cache.run(_cfg(one, images, model, batch_size=1, shard_rows=20, writers=1))
+
+    real = cache._write_set_files
+
+    def slow_first(out, rank, index, buf, end_image, times=None):
+        if index == 0:
+            time.sleep(0.5)
+        return real(out, rank, index, buf, end_image, times)
+
+    monkeypatch.setattr(cache, "_write_set_files", slow_first)
+    several = tmp_path / "several"
+    cache.run(_cfg(several, images, model, batch_size=1, shard_rows=20, writers=3))
+    got, want = _files(several), _files(one)
+    assert len([n for n in want if "shard-" in n]) >= 3
+    assert sorted(got) == sorted(want)
+    assert [n for n in want if n != "manifest.json" and got[n] != want[n]] == []
+
+
+def test_writer_count_leaves_the_output_key(tmp_path):
+    cfg = _cfg(tmp_path / "acts", str(tmp_path), str(tmp_path), writers=1)
+    key = cache.output_key(cfg.cache)
+    assert cache.output_key(cfg.cache.model_copy(update={"writers": 5})).changes(key.to_json()) == []

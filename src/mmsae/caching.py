@@ -3,8 +3,9 @@
 `image_loader` decodes and preprocesses batches of images (bad images skipped and reported, not raised);
 `forward_rows` runs one forward pass cut after the deepest hook point and returns, per hook point, the
 kept rows with their geometry columns (`keep_mask`: the token kinds, views and seeded share kept);
-`SetBuffer` gathers whole batches into a shard set; `SetWriter` writes sets in order on one background
-thread, so encoding and writing overlap the forward passes. `StageTimes` adds up the seconds each part takes
+`SetBuffer` gathers whole batches into a shard set; `SetWriter` writes sets on background threads (several
+at once, each set's record and progress committed in order), so encoding and writing overlap the forward
+passes. `StageTimes` adds up the seconds each part takes
 (the stage logs them; ``python -m bench cache`` reports them).
 """
 
@@ -35,14 +36,15 @@ class CacheWriteError(RuntimeError):
 MAIN_PARTS = ("setup", "load_model", "wait_images", "forward", "geometry", "copies", "wait_writer", "seal")
 """The main thread's parts, in order; their sum is the rank's wall-clock time less small bookkeeping."""
 WRITER_PARTS = ("concat", "encode", "hash", "write", "check", "records")
-"""The writer thread's parts (overlapping the main thread's, except while it waits in ``wait_writer``)."""
+"""The writer threads' parts, summed over the threads (overlapping the main thread's, except while it waits
+in ``wait_writer``)."""
 
 
 class StageTimes:
     """Seconds a rank of the cache stage spends per part; ``with times("forward"): ...`` adds to a part.
 
-    Main-thread parts (:data:`MAIN_PARTS`) follow each other; the writer thread's (:data:`WRITER_PARTS`,
-    prefixed ``writer_``) run beside them.
+    Main-thread parts (:data:`MAIN_PARTS`) follow each other; the writer threads' (:data:`WRITER_PARTS`,
+    prefixed ``writer_``, summed over the threads) run beside them.
     """
 
     def __init__(self) -> None:
@@ -242,36 +244,73 @@ def concat_rows(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     return {k: torch.cat([p[k] for p in parts]) for k in activations.COLUMNS}
 
 
+@dataclass(frozen=True)
+class WrittenSet:
+    """A shard set whose files are written: what its record will say, and the bytes written."""
+
+    record: dict[str, Any]
+    bytes: int
+
 
 class SetWriter:
-    """Writes shard sets in order on one background thread: encoding and writing overlap the forward passes.
+    """Writes shard sets on background threads, so that encoding and writing overlap the forward passes.
 
-    ``write(index, buffer, end_image, progress)`` writes one set and returns its bytes. Once a write fails,
-    the later ones write nothing: progress must never count a set after a missing one.
+    ``write_files(index, buffer, end_image)`` encodes and writes one set's shard files and returns a
+    :class:`WrittenSet`; up to ``writers`` sets are written at once. ``commit(index, written, progress)``
+    then writes the set's record and the progress that counts it, one set at a time and in index order (on one
+    more thread), each only after that set's files are all written: progress never counts a set whose files
+    are missing, nor one after a set that is. Once a set fails, the later ones are neither written nor
+    recorded (files of a later set already written stay unrecorded; a resumed run writes that set again).
     """
 
-    def __init__(self, write: Callable[[int, SetBuffer, int, dict[str, Any]], int]):
-        self._write_set = write
-        self._pool = ThreadPoolExecutor(max_workers=1)
+    def __init__(self, write_files: Callable[[int, SetBuffer, int], WrittenSet],
+                 commit: Callable[[int, WrittenSet, dict[str, Any]], None], writers: int = 1):
+        if writers < 1:
+            raise ValueError(f"writers must be at least 1, got {writers}")
+        self._write_files = write_files
+        self._commit_set = commit
+        self._files = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="shard-writer")
+        self._commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-commit")
         self._pending: deque[Future[int]] = deque()
-        self._failed = False
+        self._lock = threading.Lock()
+        self._first_failed: int | None = None
 
     def submit(self, index: int, buf: SetBuffer, end_image: int, progress: dict[str, Any]) -> None:
-        self._pending.append(self._pool.submit(self._write, index, buf, end_image, progress))
+        files = self._files.submit(self._write, index, buf, end_image)
+        self._pending.append(self._commits.submit(self._commit, index, files, progress))
 
-    def _write(self, index: int, buf: SetBuffer, end_image: int, progress: dict[str, Any]) -> int:
-        if self._failed:
-            raise CacheWriteError(f"shard set {index} not written: an earlier set failed to write")
+    def _write(self, index: int, buf: SetBuffer, end_image: int) -> WrittenSet:
+        self._raise_if_failed_before(index, "written")
         try:
-            return self._write_set(index, buf, end_image, progress)
+            return self._write_files(index, buf, end_image)
         except BaseException:
-            self._failed = True
+            self._failed(index)
             raise
+
+    def _commit(self, index: int, files: Future[WrittenSet], progress: dict[str, Any]) -> int:
+        written = files.result()  # this set's own failure, as it was raised
+        self._raise_if_failed_before(index, "recorded")
+        try:
+            self._commit_set(index, written, progress)
+        except BaseException:
+            self._failed(index)
+            raise
+        return written.bytes
+
+    def _failed(self, index: int) -> None:
+        with self._lock:
+            self._first_failed = index if self._first_failed is None else min(self._first_failed, index)
+
+    def _raise_if_failed_before(self, index: int, what: str) -> None:
+        with self._lock:
+            first = self._first_failed
+        if first is not None and first < index:
+            raise CacheWriteError(f"shard set {index} not {what}: set {first} before it failed to write")
 
     def reap(self, in_flight: int) -> int:
         """Wait until at most ``in_flight`` sets are left in flight (bounded memory); raise a failed write.
 
-        Returns the bytes the finished writes wrote.
+        Returns the bytes the committed sets wrote.
         """
         written = 0
         while self._pending and (self._pending[0].done() or len(self._pending) > in_flight):
@@ -279,4 +318,5 @@ class SetWriter:
         return written
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._commits.shutdown(wait=True, cancel_futures=True)
+        self._files.shutdown(wait=True, cancel_futures=True)

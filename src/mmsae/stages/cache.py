@@ -44,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from mmsae import activations, caching, storage
-from mmsae.caching import SetBuffer, SetWriter, StageTimes
+from mmsae.caching import SetBuffer, SetWriter, StageTimes, WrittenSet
 from mmsae.config import CacheConfig, RunConfig
 from mmsae.stages._base import (
     KEY_FIELD,
@@ -71,10 +71,10 @@ DIST_TIMEOUT = timedelta(hours=24)
 """How long a rank of the cache's process group waits for the others (the barrier before sealing among
 them): ranks given slow images can finish hours after the others, and torch's default (30 minutes for
 gloo) would kill rank 0 while it waits. A module constant, not a config field."""
-NOT_IN_KEY = ("num_workers", "device", "max_skipped", "image_set", "model", "out")
+NOT_IN_KEY = ("num_workers", "writers", "device", "max_skipped", "image_set", "model", "out")
+"""Settings that do not change the bytes written (the inputs count through their fingerprints)."""
 ADDED_LATER = ("views", "token_fraction", "token_seed")
 """Settings added after shards were first sealed; in the key only when they differ from their defaults."""
-"""Settings that do not change the bytes written (the inputs count through their fingerprints)."""
 
 
 class CacheError(RuntimeError):
@@ -234,7 +234,8 @@ def _cache_chunks(c: CacheConfig, ctx: StageContext, chunks: list[list[int]], pr
     t0 = time.perf_counter()
     rank = ctx.rank
     images_done = rows_done = bytes_written = skipped = 0
-    writer = SetWriter(functools.partial(_write_set, c.out, rank, times=times))
+    writer = SetWriter(functools.partial(_write_set_files, c.out, rank, times=times),
+                       functools.partial(_commit_set, c.out, rank, times=times), c.writers)
     buf = SetBuffer.empty(first_image, hook_names)
     bar = tqdm(total=len(chunks), initial=progress.next_chunk, desc=f"cache rank {rank}", unit="batch",
                disable=not ctx.is_main)
@@ -263,7 +264,7 @@ def _cache_chunks(c: CacheConfig, ctx: StageContext, chunks: list[list[int]], pr
                 writer.submit(index, buf, end_image, progress.to_json())
                 buf = SetBuffer.empty(end_image, hook_names)
                 with times("wait_writer"):
-                    bytes_written += writer.reap(in_flight=2)
+                    bytes_written += writer.reap(in_flight=c.writers + 1)
                 seconds = time.perf_counter() - t0
                 ctx.log_progress({"images_per_s": images_done / seconds, "tokens_per_s": rows_done / seconds,
                                   "bytes_written": bytes_written}, step=progress.next_shard)
@@ -295,13 +296,12 @@ def _record_uri(out: str, rank: int, index: int) -> str:
     return storage.join(_records_uri(out, rank), f"{index:05d}.json")
 
 
-def _write_set(out: str, rank: int, index: int, buf: SetBuffer, end_image: int,
-               progress: dict[str, Any], times: StageTimes | None = None) -> int:
-    """Encode and write shard set ``index``, then its record, then the progress that counts it.
+def _write_set_files(out: str, rank: int, index: int, buf: SetBuffer, end_image: int,
+                     times: StageTimes | None = None) -> WrittenSet:
+    """Encode and write the shard files of set ``index`` (one per hook point); return what its record says.
 
-    In this order, progress never counts a set whose files are not all written. Returns the bytes written.
-    ``times`` gets the parts ``writer_concat``, ``writer_encode``, ``writer_hash``, ``writer_write``,
-    ``writer_check`` (rows holding NaN or inf) and ``writer_records``.
+    ``times`` gets the parts ``writer_concat``, ``writer_encode``, ``writer_hash``, ``writer_write`` and
+    ``writer_check`` (rows holding NaN or inf).
     """
     times = times or StageTimes()
     files: dict[str, dict[str, Any]] = {}
@@ -326,11 +326,20 @@ def _write_set(out: str, rank: int, index: int, buf: SetBuffer, end_image: int,
         shards[h] = {"name": name, "rows": int(cols["acts"].shape[0]), "first_image": buf.first_image,
                      "end_image": end_image, "nonfinite": nonfinite}
         dims[h] = int(cols["acts"].shape[1])
-    with times("writer_records"):
-        record = {"files": files, "shards": shards, "dims": dims, "images": buf.images, "skipped": buf.skipped}
-        storage.write_json(_record_uri(out, rank, index), record, indent=None)
+    record = {"files": files, "shards": shards, "dims": dims, "images": buf.images, "skipped": buf.skipped}
+    return WrittenSet(record, sum(f["bytes"] for f in files.values()))
+
+
+def _commit_set(out: str, rank: int, index: int, written: WrittenSet, progress: dict[str, Any],
+                times: StageTimes | None = None) -> None:
+    """Write set ``index``'s record, then the progress that counts it (``times``: ``writer_records``).
+
+    In this order, and only once the set's files are written (:class:`~mmsae.caching.SetWriter` sees to
+    it), progress never counts a set whose files are not all written.
+    """
+    with (times or StageTimes())("writer_records"):
+        storage.write_json(_record_uri(out, rank, index), written.record, indent=None)
         _save_progress(out, rank, progress)
-    return sum(f["bytes"] for f in files.values())
 
 
 def _nonfinite_rows(acts: torch.Tensor) -> int:

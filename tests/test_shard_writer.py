@@ -1,0 +1,92 @@
+"""The cache stage's background shard-set writer: several sets written at once, committed in order.
+
+The stage-level checks (the same bytes with several writers, the output key) are in test_cache.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from mmsae.caching import CacheWriteError, SetBuffer, SetWriter, WrittenSet
+
+WAIT_S = 30
+
+
+class _Recorder:
+    """Stand-ins for the stage's write and commit: they log what happened, in order, and can be held back."""
+
+    def __init__(self, hold: int | None = None, fail: int | None = None, fail_commit: int | None = None):
+        self.events: list[tuple[str, int]] = []
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+        self.hold, self.fail, self.fail_commit = hold, fail, fail_commit
+
+    def _log(self, what: str, index: int) -> None:
+        with self.lock:
+            self.events.append((what, index))
+
+    def write(self, index: int, buf: SetBuffer, end_image: int) -> WrittenSet:
+        if index == self.hold:
+            assert self.release.wait(WAIT_S), "the held set was never released"
+        if index == self.fail:
+            raise OSError(f"disk full while writing set {index}")
+        self._log("files", index)
+        return WrittenSet({"index": index}, 100 + index)
+
+    def commit(self, index: int, written: WrittenSet, progress: dict) -> None:
+        assert written.record == {"index": index}
+        if index == self.fail_commit:
+            raise OSError(f"record of set {index} refused")
+        self._log("commit", index)
+
+    def of(self, what: str) -> list[int]:
+        with self.lock:
+            return [i for w, i in self.events if w == what]
+
+
+def _submit_all(writer: SetWriter, count: int) -> None:
+    for index in range(count):
+        writer.submit(index, SetBuffer.empty(index, ["h"]), index + 1, {"next_shard": index + 1})
+
+
+def test_later_sets_written_first_are_committed_only_after_the_earlier_ones():
+    rec = _Recorder(hold=0)
+    writer = SetWriter(rec.write, rec.commit, writers=3)
+    try:
+        _submit_all(writer, 4)
+        deadline = time.monotonic() + WAIT_S
+        while sorted(rec.of("files")) != [1, 2, 3] and time.monotonic() < deadline:
+            time.sleep(0.02)  # sets 1..3 finish their files while set 0 is held back
+        assert sorted(rec.of("files")) == [1, 2, 3]
+        assert rec.of("commit") == []  # nothing is counted while set 0's files are missing
+        rec.release.set()
+        assert writer.reap(in_flight=0) == 100 + 101 + 102 + 103
+    finally:
+        writer.close()
+    assert rec.of("commit") == [0, 1, 2, 3]
+    assert rec.of("files")[-1] == 0
+
+
+@pytest.mark.parametrize(("failure", "error"), [
+    ({"fail": 1}, "disk full while writing set 1"),
+    ({"fail_commit": 1}, "record of set 1 refused"),
+])
+def test_a_failed_set_stops_the_commits_at_it_and_raises_its_own_error_first(failure, error):
+    rec = _Recorder(**failure)
+    writer = SetWriter(rec.write, rec.commit, writers=2)
+    try:
+        _submit_all(writer, 4)
+        with pytest.raises(OSError, match=error):
+            writer.reap(in_flight=0)
+        with pytest.raises(CacheWriteError, match="shard set 2 not .*set 1 before it failed"):
+            writer.reap(in_flight=0)
+    finally:
+        writer.close()
+    assert rec.of("commit") == [0]
+
+
+def test_writer_count_must_be_positive():
+    with pytest.raises(ValueError, match="writers must be at least 1, got 0"):
+        SetWriter(lambda *a: None, lambda *a: None, writers=0)  # type: ignore[arg-type, return-value]
