@@ -1,10 +1,8 @@
 """Timing helpers shared by the step benchmarks (``sae_step``, ``train``). Reads and writes no files.
 
-* Importing this module asks torch's CPU allocator to back large blocks by transparent huge pages
-  (``THP_MEM_ALLOC_ENABLE=1``) unless the variable is already set. torch reads it once, at an allocation
-  (importing torch is fine; a benchmark run earlier in the same process may have fixed it already), so
-  import this module before anything large is allocated; :func:`thp_alloc_active` checks what the
-  process actually got (without it every fresh 128 MiB gradient costs ~0.1 s of page faults).
+* :func:`thp_alloc_active` says whether the process's large CPU blocks are backed by transparent huge pages
+  (torch does so with ``THP_MEM_ALLOC_ENABLE=1`` set before its first allocation; the benchmarks leave it
+  as the stages do, so it is off unless the caller set it).
 * :func:`timed` measures one call in wall-clock and process CPU time (and waits for the GPU when asked).
   :class:`Parts` times named parts inside a step, so a step can report its own breakdown.
 * :func:`pairs` runs a baseline (a dense matmul) and a step alternately, so each ratio is taken between
@@ -21,23 +19,19 @@
 
 from __future__ import annotations
 
-import os
+import logging
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+import torch
+from torch import Tensor, nn
 
-import logging  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Iterator, Mapping  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, NamedTuple  # noqa: E402
-
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from mmsae.sae import TopKSAE  # noqa: E402
-from mmsae.sae.kernels import dense_decode_reference, dense_topk_encode_reference  # noqa: E402
+from mmsae.sae import TopKSAE
+from mmsae.sae.kernels import dense_decode_reference, dense_topk_encode_reference
 
 logger = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench import _timing as timing  # sets the huge-page switch before large allocations
+from bench import _timing as timing
 from bench import cache as bench_cache
 from bench import train as bench_train
 

@@ -24,10 +24,8 @@ At d = 1024, num_latents = 32 768, k = 64 and a batch of 4096 tokens it measures
 
 The machine is shared, so every step is timed right after a matmul of the same shape and each ratio is
 taken within such a pair; the reported fraction is the median over pairs (wall-clock, and also in process
-CPU time, which is less disturbed by other processes). Large CPU allocations are backed by transparent huge
-pages (``THP_MEM_ALLOC_ENABLE=1``, see :mod:`bench._timing`, which also holds the timing and the naive
-implementation shared with :mod:`bench.train`): without it every fresh 128 MiB gradient costs ~0.1 s of
-page faults.
+CPU time, which is less disturbed by other processes). :mod:`bench._timing` holds the timing and the naive
+implementation shared with :mod:`bench.train`.
 """
 
 from __future__ import annotations
@@ -40,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from bench import _timing as timing  # sets the huge-page switch before large allocations
+from bench import _timing as timing
 from mmsae.config import TrainConfig
 from mmsae.sae import SaeConfig, TopKSAE
 

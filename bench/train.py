@@ -66,7 +66,7 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from bench import _timing as timing  # sets the huge-page switch before large allocations
+from bench import _timing as timing
 from mmsae.config import TrainConfig
 from mmsae.training import engine as training_engine
 

@@ -493,8 +493,10 @@ def _decode_aux_grads(aux: _Aux, weight: Tensor, grad_aux: Tensor, grad_w: Tenso
     rows_w = aux.weight_rows.to(work)
     g = grad_aux.to(work)
     if need_acts:
-        product = workspace("aux_product", (g.shape[0], rows_w.shape[0]), work, g.device)
-        dots = torch.mm(g, rows_w.t(), out=product).gather(1, aux.positions).to(weight.dtype)  # read at the picks
+        # [s, n], read at the picks through its transpose: the same product as g @ rows_w.T, but this layout
+        # is the faster one here (measured 1.3x on 2 CPU threads at n 4096, d 1024, s 1638; the gather ~6 ms)
+        product = workspace("aux_product", (rows_w.shape[0], g.shape[0]), work, g.device)
+        dots = torch.mm(rows_w, g.t(), out=product).t().gather(1, aux.positions).to(weight.dtype)
         grad_acts = (dots if aux.scale is None else dots * aux.scale).to(aux.acts.dtype)
     if need_w:
         z = _scattered(aux.positions, coeffs.to(work), aux.rows.numel())
