@@ -1,8 +1,8 @@
 """Timing helpers shared by the step benchmarks (``sae_step``, ``train``). Reads and writes no files.
 
 * :func:`thp_alloc_active` says whether the process's large CPU blocks are backed by transparent huge pages
-  (torch does so with ``THP_MEM_ALLOC_ENABLE=1`` set before its first allocation; the benchmarks leave it
-  as the stages do, so it is off unless the caller set it).
+  (torch asks for them with ``THP_MEM_ALLOC_ENABLE=1`` set before its first allocation; the kernel's THP mode
+  ``always`` gives them anyway). The benchmarks leave the variable as the stages do.
 * :func:`timed` measures one call in wall-clock and process CPU time (and waits for the GPU when asked).
   :class:`Parts` times named parts inside a step, so a step can report its own breakdown.
 * :func:`pairs` runs a baseline (a dense matmul) and a step alternately, so each ratio is taken between

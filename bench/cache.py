@@ -35,7 +35,7 @@ summarised by medians:
 (:class:`mmsae.caching.StageTimes`: setup, waiting for images, forward, geometry, copies, waiting for the
 writer, sealing on the main thread; concatenation, encoding, hashing, writing, the NaN/inf check and records
 on the writer thread, which runs beside the main thread); ``stage_extra_seconds``, the stage's median less
-the truncated forward's; ``writer_bytes_per_s``, the shard bytes over the writer threads' busy seconds (one
+the truncated forward's; ``writer_bytes_per_s``, the shard bytes over the writer threads' busy seconds, the commits' included (one
 thread's rate).
 
 ``writer``: the rate a forward may produce bytes at before the writers hold it back (at 40-60 % of an H100's

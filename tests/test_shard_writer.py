@@ -51,15 +51,19 @@ def _submit_all(writer: SetWriter, count: int) -> None:
         writer.submit(index, SetBuffer.empty(index, ["h"]), index + 1, {"next_shard": index + 1})
 
 
+def _wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert condition(), what
+
+
 def test_later_sets_written_first_are_committed_only_after_the_earlier_ones():
     rec = _Recorder(hold=0)
     writer = SetWriter(rec.write, rec.commit, writers=3)
     try:
         _submit_all(writer, 4)
-        deadline = time.monotonic() + WAIT_S
-        while sorted(rec.of("files")) != [1, 2, 3] and time.monotonic() < deadline:
-            time.sleep(0.02)  # sets 1..3 finish their files while set 0 is held back
-        assert sorted(rec.of("files")) == [1, 2, 3]
+        _wait_for(lambda: sorted(rec.of("files")) == [1, 2, 3], "sets 1..3 written while set 0 is held")
         assert rec.of("commit") == []  # nothing is counted while set 0's files are missing
         rec.release.set()
         assert writer.reap(in_flight=0) == 100 + 101 + 102 + 103
@@ -72,12 +76,16 @@ def test_later_sets_written_first_are_committed_only_after_the_earlier_ones():
 @pytest.mark.parametrize(("failure", "error"), [
     ({"fail": 1}, "disk full while writing set 1"),
     ({"fail_commit": 1}, "record of set 1 refused"),
+    ({"fail": 1, "hold": 1}, "disk full while writing set 1"),  # fails after sets 2 and 3 are written
 ])
 def test_a_failed_set_stops_the_commits_at_it_and_raises_its_own_error_first(failure, error):
     rec = _Recorder(**failure)
-    writer = SetWriter(rec.write, rec.commit, writers=2)
+    writer = SetWriter(rec.write, rec.commit, writers=3)
     try:
         _submit_all(writer, 4)
+        if rec.hold is not None:
+            _wait_for(lambda: sorted(rec.of("files")) == [0, 2, 3], "sets 0, 2 and 3 written while 1 is held")
+            rec.release.set()
         with pytest.raises(OSError, match=error):
             writer.reap(in_flight=0)
         with pytest.raises(CacheWriteError, match="shard set 2 not .*set 1 before it failed"):
@@ -85,6 +93,20 @@ def test_a_failed_set_stops_the_commits_at_it_and_raises_its_own_error_first(fai
     finally:
         writer.close()
     assert rec.of("commit") == [0]
+
+
+def test_closing_drops_the_sets_not_started():
+    rec = _Recorder(hold=0)
+    writer = SetWriter(rec.write, rec.commit, writers=1)
+    _submit_all(writer, 4)
+    closer = threading.Thread(target=writer.close)
+    closer.start()
+    time.sleep(0.2)  # close() is waiting for set 0, the one being written
+    rec.release.set()
+    closer.join(WAIT_S)
+    assert not closer.is_alive()
+    assert rec.of("files") == [0]  # sets 1..3 were queued behind it: neither written nor recorded
+    assert rec.of("commit") in ([], [0])
 
 
 def test_writer_count_must_be_positive():

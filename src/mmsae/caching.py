@@ -274,12 +274,17 @@ class SetWriter:
         self._pending: deque[Future[int]] = deque()
         self._lock = threading.Lock()
         self._first_failed: int | None = None
+        self._closing = False
 
     def submit(self, index: int, buf: SetBuffer, end_image: int, progress: dict[str, Any]) -> None:
         files = self._files.submit(self._write, index, buf, end_image)
         self._pending.append(self._commits.submit(self._commit, index, files, progress))
 
     def _write(self, index: int, buf: SetBuffer, end_image: int) -> WrittenSet:
+        with self._lock:
+            closing = self._closing
+        if closing:
+            raise CacheWriteError(f"shard set {index} not written: the writer was closed first")
         self._raise_if_failed_before(index, "written")
         try:
             return self._write_files(index, buf, end_image)
@@ -305,7 +310,7 @@ class SetWriter:
         with self._lock:
             first = self._first_failed
         if first is not None and first < index:
-            raise CacheWriteError(f"shard set {index} not {what}: set {first} before it failed to write")
+            raise CacheWriteError(f"shard set {index} not {what}: set {first} before it failed")
 
     def reap(self, in_flight: int) -> int:
         """Wait until at most ``in_flight`` sets are left in flight (bounded memory); raise a failed write.
@@ -318,5 +323,9 @@ class SetWriter:
         return written
 
     def close(self) -> None:
+        """Stop: sets not started are dropped, the ones being written finish and are committed if they can be
+        (a set queued behind them is neither written nor recorded; a resumed run writes it)."""
+        with self._lock:
+            self._closing = True
         self._commits.shutdown(wait=True, cancel_futures=True)
         self._files.shutdown(wait=True, cancel_futures=True)

@@ -167,7 +167,9 @@ class CacheConfig(Section):
     """Image-decoding and preprocessing worker processes (0: in the main process)."""
     writers: int = Field(2, ge=1)
     """Shard sets encoded and written at once by background threads (each set's record and progress are still
-    written in order); one set more than this waits in memory before the forward passes wait for them."""
+    written in order). Host memory: the set being filled and up to writers + 1 sets in flight, each holding its
+    rows (shard_rows x width x dtype bytes per hook point) and, while written, their concatenated and encoded
+    copies; the forward passes wait beyond that."""
     max_skipped: float = Field(0.05, ge=0)
     """Most images that may fail to decode before the stage fails: a share of the image set when below 1
     (0.05: 5 %), else a count; every skipped image is listed in the manifest by name either way."""

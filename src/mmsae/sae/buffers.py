@@ -2,7 +2,7 @@
 
 Reads and writes no files. A CPU training step of the kernels needs a few buffers of the size of a weight or
 more (``[m, d]``: 128 MiB at 32 768 x 1024 in float32): the encoder's pre-activation chunk, the two weight
-gradients, AuxK's ``[n, dead]`` products. Allocated afresh, each is a new memory mapping whose pages fault in
+gradients, AuxK's ``[n, dead]`` and ``[dead, n]`` products. Allocated afresh, each is a new memory mapping whose pages fault in
 on first write (with transparent huge pages ~10 ms per 128 MiB; on a VM that hands freed memory back to its
 host, ~150 ms), every step. Here they are kept instead (on a GPU the caching allocator already does this; these helpers then
 return nothing):

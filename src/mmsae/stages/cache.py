@@ -28,6 +28,7 @@ image or AnyRes tile), and patch row/column.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -99,7 +100,8 @@ class _Progress:
     version: int = PROGRESS_VERSION
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """A snapshot (a deep copy: the writer threads commit it while the loop goes on)."""
+        return copy.deepcopy(self.__dict__)
 
 
 def run(cfg: RunConfig, image_set: str | None = None, model: str | None = None,
