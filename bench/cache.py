@@ -42,8 +42,9 @@ thread's rate).
 bf16 peak the 8B produces roughly 0.4-0.6 GB/s of bfloat16 rows, twice that in float32). The stage's own
 writer (:class:`mmsae.caching.SetWriter` over the stage's set writing and committing) writes
 :data:`WRITER_SETS` shard sets of the 8B's width (4096) in bfloat16, :data:`WRITER_ROWS` rows each, to a local
-folder, with one writer thread and with the default ``cache.writers``, interleaved over
-:data:`WRITER_REPS` rounds after a warm-up: bytes per second of each (medians) and their ratio.
+folder and to S3 (SeaweedFS on loopback, sharing the two cores), with one writer thread and with the default
+``cache.writers``, interleaved over :data:`WRITER_REPS` rounds after a warm-up: bytes per second of each
+(medians) and their ratio.
 
 The forward runs on one intra-op thread (:data:`TORCH_THREADS`, restored afterwards): the second core is left
 to the decoding worker, as a host CPU is to an accelerator. With two threads on a 2-core machine that other
@@ -53,14 +54,16 @@ times, which would drown the ratio.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
+import os
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -289,9 +292,11 @@ def main() -> dict[str, Any]:
                  result["eight_b"]["flop_per_cached_byte"], case["stage_over_forward_truncated"],
                  case["stage_workers_0_over_forward_truncated"],
                  {k: round(v, 3) for k, v in case["breakdown"]["stage"].items()})
-    log.info("shard writing (%d sets of %d x %d bfloat16): %.0f MB/s with one writer, %.0f MB/s with %d (%.2fx)",
-             WRITER_SETS, WRITER_ROWS, WRITER_WIDTH, writer["bytes_per_s"]["1"] / 1e6,
-             writer["bytes_per_s"][str(writer["writers"])] / 1e6, writer["writers"], writer["speedup"])
+    for target in ("local", "s3"):
+        rates = writer[target]["bytes_per_s"]
+        log.info("shard writing to %s (%d sets of %d x %d bfloat16): %.0f MB/s with one writer, %.0f MB/s with %d "
+                 "(%.2fx)", target, WRITER_SETS, WRITER_ROWS, WRITER_WIDTH, rates["1"] / 1e6,
+                 rates[str(writer["writers"])] / 1e6, writer["writers"], writer[target]["speedup"])
     return result
 
 
@@ -309,15 +314,15 @@ def _shard_set(index: int, rows: int, width: int) -> Any:
     return buf
 
 
-def _write_sets(out: Path, sets: list[Any], writers: int) -> tuple[float, int]:
-    """The stage's writer over ``sets`` into ``out``: seconds and bytes."""
+def _write_sets(out: str, sets: list[Any], writers: int) -> tuple[float, int]:
+    """The stage's writer over ``sets`` into ``out`` (a folder or ``s3://`` URI): seconds and bytes."""
     import functools
 
     from mmsae.caching import SetWriter
     from mmsae.stages import cache as cache_stage
 
-    writer = SetWriter(functools.partial(cache_stage._write_set_files, str(out), 0),
-                       functools.partial(cache_stage._commit_set, str(out), 0), writers)
+    writer = SetWriter(functools.partial(cache_stage._write_set_files, out, 0),
+                       functools.partial(cache_stage._commit_set, out, 0), writers)
     t0 = time.perf_counter()
     try:
         for index, buf in enumerate(sets):
@@ -328,23 +333,48 @@ def _write_sets(out: Path, sets: list[Any], writers: int) -> tuple[float, int]:
     return time.perf_counter() - t0, written
 
 
-def writer_throughput(writers: int) -> dict[str, Any]:
-    """Bytes per second of the stage's shard writing with one writer and with ``writers``, interleaved."""
-    sets = [_shard_set(i, WRITER_ROWS, WRITER_WIDTH) for i in range(WRITER_SETS)]
+def _writer_rates(base: str, sets: list[Any], writers: int) -> dict[str, Any]:
+    """Bytes per second writing ``sets`` under ``base`` with one writer and with ``writers``, interleaved."""
     counts = sorted({1, writers})
     rates: dict[str, list[float]] = {str(c): [] for c in counts}
-    with tempfile.TemporaryDirectory(prefix="bench-writer-") as tmp:
-        _write_sets(Path(tmp) / "warmup", sets[:2], writers)  # page cache and thread start-up
-        for rep in range(WRITER_REPS):
-            for count in counts if rep % 2 == 0 else counts[::-1]:
-                out = Path(tmp) / f"{count}-{rep}"
-                seconds, written = _write_sets(out, sets, count)
-                rates[str(count)].append(written / seconds)
-                shutil.rmtree(out)
+    _write_sets(f"{base}/warmup", sets[:2], writers)  # page cache, connections and thread start-up
+    for rep in range(WRITER_REPS):
+        for count in counts if rep % 2 == 0 else counts[::-1]:
+            seconds, written = _write_sets(f"{base}/{count}-{rep}", sets, count)
+            rates[str(count)].append(written / seconds)
     median = {name: statistics.median(r) for name, r in rates.items()}
-    return {"writers": writers, "sets": WRITER_SETS, "rows": WRITER_ROWS, "width": WRITER_WIDTH,
-            "dtype": "bfloat16", "bytes_per_s": median, "runs": rates,
-            "speedup": median[str(writers)] / median["1"]}
+    return {"bytes_per_s": median, "runs": rates, "speedup": median[str(writers)] / median["1"]}
+
+
+@contextlib.contextmanager
+def _s3_bucket(root: Path) -> Iterator[str]:
+    """A SeaweedFS server on loopback with the AWS variables pointing at it (restored after): its bucket URI."""
+    from mmsae.services.s3 import S3Server
+
+    with S3Server(root, buckets=["bench"]) as server:
+        saved = {name: os.environ.get(name) for name in server.env()}
+        os.environ.update(server.env())
+        try:
+            yield "s3://bench/shards"
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def writer_throughput(writers: int, sets: int = WRITER_SETS, rows: int = WRITER_ROWS,
+                      width: int = WRITER_WIDTH) -> dict[str, Any]:
+    """The stage's shard writing with one writer and with ``writers``: to a local folder and to S3 on loopback."""
+    shard_sets = [_shard_set(i, rows, width) for i in range(sets)]
+    with tempfile.TemporaryDirectory(prefix="bench-writer-") as tmp:
+        local = _writer_rates(str(Path(tmp) / "local"), shard_sets, writers)
+        shutil.rmtree(Path(tmp) / "local")
+        with _s3_bucket(Path(tmp) / "s3") as bucket:
+            s3 = _writer_rates(bucket, shard_sets, writers)
+    return {"writers": writers, "sets": sets, "rows": rows, "width": width, "dtype": "bfloat16",
+            "local": local, "s3": s3}
 
 
 def measure(case: Case, root: Path) -> dict[str, Any]:

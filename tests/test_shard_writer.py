@@ -112,3 +112,14 @@ def test_closing_drops_the_sets_not_started():
 def test_writer_count_must_be_positive():
     with pytest.raises(ValueError, match="writers must be at least 1, got 0"):
         SetWriter(lambda *a: None, lambda *a: None, writers=0)  # type: ignore[arg-type, return-value]
+
+
+def test_the_benchmark_measures_both_targets_at_tiny_shapes():
+    from bench import cache as bench_cache
+
+    figures = bench_cache.writer_throughput(2, sets=3, rows=64, width=16)
+    for target in ("local", "s3"):
+        rates = figures[target]["bytes_per_s"]
+        assert set(rates) == {"1", "2"} and min(rates.values()) > 0
+        assert len(figures[target]["runs"]["2"]) == bench_cache.WRITER_REPS
+
