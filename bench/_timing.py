@@ -185,7 +185,9 @@ def profiled_parts(step: Callable[[], Any], device: torch.device) -> dict[str, f
     A part is named after its label without the prefix, dots as underscores (``sae.encode.topk`` ->
     ``encode_topk``; a step's own ``step.forward_other`` -> ``forward_other``: the forward outside every
     kernel label). On the CPU a part is wall-clock time on the calling thread (the backward runs there too); on a
-    GPU it is the device time of the kernels launched under the label.
+    GPU it is the device time of the kernels launched under the label, and ``unlabelled`` is the device time of
+    the kernels under none (autograd runs a GPU backward on its own thread, outside the step's labels: the loss
+    backward and DeepSpeed's gradient hooks land there).
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -203,7 +205,15 @@ def profiled_parts(step: Callable[[], Any], device: torch.device) -> dict[str, f
         seconds = _event_seconds(event, on_device) - _labelled_below(event, on_device)
         name = event.name.removeprefix(STEP_LABEL_PREFIX).removeprefix(BENCH_LABEL_PREFIX).replace(".", "_")
         parts[name] = parts.get(name, 0.0) + seconds
+    if on_device:
+        parts["unlabelled"] = max(0.0, _device_busy_seconds(prof.events()) - sum(parts.values()))
     return parts
+
+
+def _device_busy_seconds(events: Any) -> float:
+    """Seconds of every kernel, copy and fill the profiled step ran on the GPU (its annotations left out)."""
+    return sum(e.time_range.elapsed_us() for e in events
+               if e.device_type == torch.autograd.DeviceType.CUDA and not _is_label(e.name)) / 1e6
 
 
 def breakdown(rows: list[dict[str, float]], baseline_s: float) -> dict[str, dict[str, float]]:

@@ -34,7 +34,9 @@ in seconds on the CPU, so the profile is exercised by the tests.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
+import json
 import logging
 import os
 import shutil
@@ -58,6 +60,11 @@ log = logging.getLogger(__name__)
 
 TINY_ENV = "MMSAE_BENCH_GPU_TINY"
 """Set to 1 to run the tiny shapes (on any device)."""
+PARTIAL_ENV = "MMSAE_BENCH_GPU_PARTIAL"
+"""A file the figures so far are written to after each part (``bench/gpu.sh`` sets it)."""
+SHM_PER_WORKER = 256 * 2**20
+"""Shared memory a decoding worker needs for its batches in flight (~110 MB at the full profile's batch of 8);
+with less free in ``/dev/shm`` (a container's default is 64 MB) the cache part decodes in the main process."""
 GOAL_TOKENS_PER_S = bench_train.GOAL_TOKENS_PER_S_PER_GPU
 PROMPT = "<image>"
 SEED = 0
@@ -153,6 +160,8 @@ def main(tiny: bool | None = None, device: str | None = None) -> dict[str, Any]:
             return None
         finally:
             seconds[name] = time.perf_counter() - start
+            _free_device_memory(dev)
+            _write_partial(result)
         log.info("gpu profile: %s done in %.1f s", name, seconds[name])
         return result[name]
 
@@ -166,6 +175,20 @@ def main(tiny: bool | None = None, device: str | None = None) -> dict[str, Any]:
     result["setup"] = {k: v for k, v in asdict(profile).items() if k != "notes"}
     log.info("%s", summary(result))
     return result
+
+
+def _free_device_memory(device: torch.device) -> None:
+    """Drop what a finished part left for the garbage collector, and the allocator's cached blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _write_partial(result: dict[str, Any]) -> None:
+    """The figures so far to ``$MMSAE_BENCH_GPU_PARTIAL`` (when set): a run cut short keeps its finished parts."""
+    path = os.environ.get(PARTIAL_ENV)
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -315,6 +338,21 @@ def make_images(path: Path, count: int, sides: tuple[int, int], seed: int = SEED
     return str(path)
 
 
+def decoding_workers(wanted: int, shm: str = "/dev/shm") -> int:
+    """``wanted`` decoding workers, or 0 when ``shm`` has too little room for their batches (logged)."""
+    if wanted == 0:
+        return 0
+    try:
+        free = shutil.disk_usage(shm).free
+    except OSError:
+        free = 0
+    if free < wanted * SHM_PER_WORKER:
+        log.warning("%s has %.0f MB free, %d decoding workers need ~%.0f MB: decoding in the main process", shm,
+                    free / 1e6, wanted, wanted * SHM_PER_WORKER / 1e6)
+        return 0
+    return wanted
+
+
 def _run_stage(profile: Profile, device: torch.device, image_set: str, model_dir: Path, out: Path,
                **changes: Any) -> tuple[float, dict[str, Any]]:
     """Seconds of one cache stage run writing to ``out`` (kept), and its figures."""
@@ -329,8 +367,8 @@ def _run_stage(profile: Profile, device: torch.device, image_set: str, model_dir
     cfg.cache = cfg.cache.model_copy(update={
         "image_set": image_set, "model": str(model_dir), "out": str(out), "layers": [profile.layer],
         "batch_size": profile.batch_size, "shard_rows": profile.shard_rows, "prompt": PROMPT,
-        "dtype": "bfloat16", "model_dtype": model_dtype, "device": str(device), "num_workers": profile.num_workers,
-        "writers": profile.writers,
+        "dtype": "bfloat16", "model_dtype": model_dtype, "device": str(device),
+        "num_workers": decoding_workers(profile.num_workers), "writers": profile.writers,
         **changes,
     })
     sync = timing.cuda_sync(device)

@@ -57,6 +57,7 @@ data and top-k sees distinct winners; ``BATCHES`` different batches are cycled.
 
 from __future__ import annotations
 
+import gc
 import logging
 import statistics
 from dataclasses import asdict, dataclass
@@ -135,7 +136,9 @@ def measure(setup: Setup, device: torch.device, precision: str = "auto",
     t = TrainConfig(num_latents=setup.num_latents, k=setup.k, batch_size=setup.batch_tokens,
                     device=str(device), precision=precision)
     with training_engine.process_group(t):
-        return _measure(setup, device, t, zero_stage)
+        figures = _measure(setup, device, t, zero_stage)
+    gc.collect()  # the engine is released: its states go now, before a later part needs the memory
+    return figures
 
 
 class _Step:
@@ -148,6 +151,7 @@ class _Step:
         self.autocast, self.sync = autocast, sync
         self.calls = 0
         self.last_auxk: Tensor | None = None
+        self.last_loss: Tensor | None = None
 
     def __call__(self) -> dict[str, timing.Timing]:
         engine, t, key = self.engine, self.t, self.variant.key
@@ -163,6 +167,7 @@ class _Step:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss, outs = engine({HOOKPOINT: x}, dead_mask, {HOOKPOINT: variance}, t, 1)
             self.last_auxk = outs[key][1]["auxk"].detach()
+            self.last_loss = loss.detach()
         with parts("backward"), record_function("step.backward_other"):
             engine.backward(loss)
         with parts("step"), record_function("step.optimizer"):
@@ -182,8 +187,6 @@ def _measure(setup: Setup, device: torch.device, t: TrainConfig, zero_stage: int
     """
     n, d, m, k = setup.batch_tokens, setup.d_in, setup.num_latents, setup.k
     autocast = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")  # as the Trainer
-    sync = timing.cuda_sync(device)
-
     batches = residual_like(n, d, BATCHES, device)
     variant = training_engine.Variant("", HOOKPOINT, m, k, t.lr or training_engine.default_lr(m))
     torch.manual_seed(t.seed)
@@ -191,7 +194,16 @@ def _measure(setup: Setup, device: torch.device, t: TrainConfig, zero_stage: int
     sae = bundle.saes[variant.key]
     logger.info("b_dec from the first batch (%s)", t.b_dec_init)
     sae.init_b_dec(batches[0], method=t.b_dec_init)
-    engine = training_engine.build_engine(bundle, t, 1, total_steps=100_000, zero_stage=zero_stage)
+    with training_engine.released(training_engine.build_engine(bundle, t, 1, total_steps=100_000,
+                                                               zero_stage=zero_stage)) as engine:
+        return _time_steps(setup, device, t, engine, sae, variant, batches, autocast)
+
+
+def _time_steps(setup: Setup, device: torch.device, t: TrainConfig, engine: Any, sae: Any,
+                variant: training_engine.Variant, batches: list[Tensor], autocast: bool) -> dict[str, Any]:
+    """The timed pairs, the profiled steps and the naive step for an engine built by :func:`_measure`."""
+    n, d, m = setup.batch_tokens, setup.d_in, setup.num_latents
+    sync = timing.cuda_sync(device)
     # pre-aged counters: a seeded DEAD_FRACTION of the latents past dead_tokens, so the step runs AuxK
     dead_latents = timing.dead_latent_mask(m, seed=SEED, device=device)
     num_dead = int(dead_latents.sum())
@@ -233,6 +245,7 @@ def _measure(setup: Setup, device: torch.device, t: TrainConfig, zero_stage: int
         "k_aux": k_aux,
         "auxk_alpha": t.auxk_alpha,
         "last_auxk_loss": float(last_auxk) if last_auxk is not None else None,
+        "losses_finite": all(s.last_loss is not None and bool(torch.isfinite(s.last_loss)) for s in steps.values()),
         "in_timed_step": k_aux > 0,
     }
     logger.info("timed step includes AuxK: %s (%d of %d latents dead, k_aux %d, last AuxK loss %.4g)",

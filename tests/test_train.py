@@ -583,3 +583,20 @@ def test_lm_loss_with_sae_spliced_in_on_captioned_images(tmp_path):
     clean = evaluation.spliced_loss(lmm, enc, labels)
     assert evaluation.spliced_loss(lmm, enc, labels, "layers.0", where, lambda x: x) == pytest.approx(clean, rel=1e-5)
     assert evaluation.spliced_loss(lmm, enc, labels, "layers.0", where, torch.zeros_like) != pytest.approx(clean, rel=1e-3)
+
+
+def test_a_released_engine_is_destroyed_even_when_the_block_fails():
+    from mmsae.training.engine import released
+
+    class Engine:
+        destroyed = 0
+
+        def destroy(self):
+            self.destroyed += 1
+
+    engine = Engine()
+    with pytest.raises(RuntimeError, match="step failed"), released(engine) as held:
+        assert held is engine and engine.destroyed == 0
+        raise RuntimeError("step failed")
+    assert engine.destroyed == 1
+

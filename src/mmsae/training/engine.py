@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -187,6 +188,16 @@ class SaeBundle(nn.Module):
             # DeepSpeed averages gradients over ranks; each rank holds a slice of the global sums
             total = loss * world if total is None else total + loss * world
         return total, outs
+
+
+@contextlib.contextmanager
+def released(engine: Any) -> Iterator[Any]:
+    """``engine`` for the block; then its optimizer state, gradient buffers and hooks are released
+    (``engine.destroy()``), which garbage collection alone does not do. The module keeps its weights."""
+    try:
+        yield engine
+    finally:
+        engine.destroy()
 
 
 def build_engine(bundle: SaeBundle, t: TrainConfig, world: int, total_steps: int, *,

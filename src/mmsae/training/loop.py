@@ -20,7 +20,7 @@ from mmsae.activations import ActivationShards
 from mmsae.config import TrainConfig
 from mmsae.stages._base import OutputKey, StageContext
 from mmsae.training import TrainError
-from mmsae.training.engine import SaeBundle, Variant, build_engine, global_variance
+from mmsae.training.engine import SaeBundle, Variant, build_engine, global_variance, released
 from mmsae.training.evaluation import Evaluator, heldout_note
 from mmsae.training.state import TrainingStates
 from mmsae.training.stream import BatchStream, StreamState
@@ -81,20 +81,25 @@ class Trainer:
         bundle = self._bundle()
         if not resuming and not t.init_from:
             self._init_b_dec(bundle, stream)  # before the optimizer copies the weights
-        engine = build_engine(bundle, t, self.world, total_steps)
+        with released(build_engine(bundle, t, self.world, total_steps)) as engine:
+            progress = self._progress(engine, resuming, total_steps)
+            self._train(engine, bundle, stream, progress, total_steps)
+        return bundle, self._figures(bundle, progress)
+
+    def _progress(self, engine, resuming: bool, total_steps: int) -> Progress:
+        """The progress to start from: the saved training state's when resuming, else fresh counters."""
         if resuming:
             progress = Progress.from_client_state(self.states.load(engine), self.device)
             if progress.total_steps not in (None, total_steps):
-                raise TrainError(f"the training state at step {progress.step} under {t.out} follows a schedule "
-                                 f"of {progress.total_steps} steps, but these shards and settings give "
+                raise TrainError(f"the training state at step {progress.step} under {self.t.out} follows a "
+                                 f"schedule of {progress.total_steps} steps, but these shards and settings give "
                                  f"{total_steps}; train elsewhere, or with run.overwrite=true")
             log.info("resumed at step %d of %d (%s)", progress.step, total_steps, progress.stream)
         else:
             progress = Progress(tokens_since_fired={
                 v.key: torch.zeros(v.num_latents, dtype=torch.int64, device=self.device) for v in self.variants})
         progress.total_steps = total_steps
-        self._train(engine, bundle, stream, progress, total_steps)
-        return bundle, self._figures(bundle, progress)
+        return progress
 
     def _train(self, engine, bundle: SaeBundle, stream: BatchStream, progress: Progress, total_steps: int) -> None:
         t = self.t
