@@ -25,7 +25,12 @@ Parts, each reported with its own seconds:
   come with it (the stage runs ``writers`` of them): on a GPU the writers (encoding, hashing, writing with
   fsync) may hold the forward back.
 * ``mine``: the cache stage's shards streamed through a random SAE of the train shape on the device, once
-  encode-only and once into the mine stage's :class:`~mmsae.mining.Miner` (default ``MineConfig``).
+  encode-only and once into the mine stage's :class:`~mmsae.mining.Miner` (default ``MineConfig``), and once
+  only read (on a GPU reading and checking the shards may outlast encoding them, so the ratio is also given
+  over the seconds beyond reading).
+
+Each part's peak device memory is recorded (``peak_memory_bytes``); between parts the garbage and the
+allocator's cached blocks are released.
 
 Tiny shapes (``MMSAE_BENCH_GPU_TINY=1``, ``main(tiny=True)``, or any machine without CUDA) run the same code
 in seconds on the CPU, so the profile is exercised by the tests.
@@ -148,10 +153,13 @@ def main(tiny: bool | None = None, device: str | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     result: dict[str, Any] = {"profile": profile.name, "device": _device_name(dev),
-                              "torch": torch.__version__, "cuda": torch.version.cuda, "failed": {}}
+                              "torch": torch.__version__, "cuda": torch.version.cuda, "failed": {},
+                              "peak_memory_bytes": {}}
 
     def part(name: str, fn) -> Any:
         start = time.perf_counter()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         try:
             result[name] = fn()
         except Exception as e:  # noqa: BLE001 - reported in the figures; the other parts still run
@@ -160,6 +168,8 @@ def main(tiny: bool | None = None, device: str | None = None) -> dict[str, Any]:
             return None
         finally:
             seconds[name] = time.perf_counter() - start
+            if dev.type == "cuda":
+                result["peak_memory_bytes"][name] = torch.cuda.max_memory_allocated(dev)
             _free_device_memory(dev)
             _write_partial(result)
         log.info("gpu profile: %s done in %.1f s", name, seconds[name])
@@ -465,15 +475,19 @@ def mine_part(profile: Profile, device: torch.device, shards_uri: str) -> dict[s
                   dtype=_dtype(device))
     sync = timing.cuda_sync(device)
     tokens = _encode_only(shards_uri, sae)  # warm-up
-    runs = {"encode": lambda: _encode_only(shards_uri, sae), "mine": lambda: _mine(shards_uri, sae)}
+    runs = {"read": lambda: _read_only(shards_uri), "encode": lambda: _encode_only(shards_uri, sae),
+            "mine": lambda: _mine(shards_uri, sae)}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for rep in range(max(2, profile.reps)):
-        for name in (("encode", "mine") if rep % 2 == 0 else ("mine", "encode")):
+        for name in (list(runs) if rep % 2 == 0 else list(runs)[::-1]):
             times[name].append(timing.timed(runs[name], sync)[0].wall_s)
             log.info("rep %d %s: %.2f s", rep, name, times[name][-1])
     median = {name: statistics.median(ts) for name, ts in times.items()}
+    beyond_reading = {name: max(median[name] - median["read"], 1e-9) for name in ("encode", "mine")}
     return {
         "mine_over_encode_throughput": median["encode"] / median["mine"],
+        # on a GPU reading and checking the shards can take longer than encoding them: the ratio without it
+        "mine_over_encode_beyond_reading": beyond_reading["encode"] / beyond_reading["mine"],
         "median_seconds": median, "seconds": times, "tokens": tokens,
         "tokens_per_s": {name: tokens / s for name, s in median.items()},
         "sae": {"d_in": setup.d_in, "num_latents": setup.num_latents, "k": setup.k},
@@ -492,6 +506,11 @@ def _image_rows(shards_uri: str) -> Iterator[dict[str, torch.Tensor]]:
     for cols in activations.ActivationShards(shards_uri).iter_shards():
         keep = activations.token_mask(cols, "image")
         yield {c: v[keep] for c, v in cols.items()}
+
+
+def _read_only(shards_uri: str) -> int:
+    """Read the shards' image rows as the other two runs do, and nothing else: their rows."""
+    return sum(int(cols["acts"].shape[0]) for cols in _image_rows(shards_uri))
 
 
 def _encode_only(shards_uri: str, sae) -> int:

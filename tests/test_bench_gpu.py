@@ -38,7 +38,8 @@ def test_gpu_profile_runs_tiny_on_the_cpu_and_writes_gpu_json(tmp_path, monkeypa
     assert cache["writer_bytes_per_s"] > 0 and cache["last_stage_seconds_per_part"]["forward"] > 0
     mine = result["mine"]
     assert mine["tokens"] == cache["image_tokens"]
-    assert 0 < mine["mine_over_encode_throughput"]
+    assert 0 < mine["mine_over_encode_throughput"] and 0 < mine["mine_over_encode_beyond_reading"]
+    assert set(mine["median_seconds"]) == {"read", "encode", "mine"}
     assert result["seconds"]["total"] > 0
     partial = json.loads((tmp_path / "gpu.partial.json").read_text())  # written after each part, the last one
     assert {"peak", "train", "cache", "mine"} <= set(partial) and partial["failed"] == {}
