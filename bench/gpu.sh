@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
 df -h /dev/shm || true
 mkdir -p "$out"
 # each finished part is written here at once: a run cut short by the timeout keeps them
-export MMSAE_BENCH_GPU_PARTIAL="$out/gpu.partial.json" HF_HUB_OFFLINE=1
+export MMSAE_BENCH_GPU_PARTIAL="$out/gpu.partial.json" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 timeout "${MMSAE_BENCH_GPU_TIMEOUT:-480}" .venv/bin/python -m bench --out "$out" gpu
 .venv/bin/python - "$out/gpu.json" <<'PY'
 import json
