@@ -66,6 +66,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -351,17 +352,8 @@ def _s3_bucket(root: Path) -> Iterator[str]:
     """A SeaweedFS server on loopback with the AWS variables pointing at it (restored after): its bucket URI."""
     from mmsae.services.s3 import S3Server
 
-    with S3Server(root, buckets=["bench"]) as server:
-        saved = {name: os.environ.get(name) for name in server.env()}
-        os.environ.update(server.env())
-        try:
-            yield "s3://bench/shards"
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+    with S3Server(root, buckets=["bench"]) as server, mock.patch.dict(os.environ, server.env()):
+        yield "s3://bench/shards"
 
 
 def writer_throughput(writers: int, sets: int = WRITER_SETS, rows: int = WRITER_ROWS,

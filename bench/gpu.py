@@ -468,8 +468,6 @@ def mine_part(profile: Profile, device: torch.device, shards_uri: str) -> dict[s
     from mmsae.sae.model import SaeConfig, TopKSAE
 
     setup = profile.train
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the cache part's model is gone
     torch.manual_seed(SEED)
     sae = TopKSAE(SaeConfig(d_in=setup.d_in, num_latents=setup.num_latents, k=setup.k), device=device,
                   dtype=_dtype(device))

@@ -57,7 +57,6 @@ data and top-k sees distinct winners; ``BATCHES`` different batches are cycled.
 
 from __future__ import annotations
 
-import gc
 import logging
 import statistics
 from dataclasses import asdict, dataclass
@@ -136,9 +135,7 @@ def measure(setup: Setup, device: torch.device, precision: str = "auto",
     t = TrainConfig(num_latents=setup.num_latents, k=setup.k, batch_size=setup.batch_tokens,
                     device=str(device), precision=precision)
     with training_engine.process_group(t):
-        figures = _measure(setup, device, t, zero_stage)
-    gc.collect()  # the engine is released: its states go now, before a later part needs the memory
-    return figures
+        return _measure(setup, device, t, zero_stage)
 
 
 class _Step:

@@ -73,3 +73,20 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def run_cfg(tmp_path):
+    """A run config over a workdir holding the report tests' mined features (``test_report.make_top_examples``)."""
+    from test_report import make_top_examples
+
+    from mmsae.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.run.workdir = str(tmp_path / "work")
+    cfg.run.name = "toy-run"
+    cfg.tracking.enabled = False
+    cfg.run.overwrite = True  # tests render one workdir many times, with other settings
+    make_top_examples(str(tmp_path / "work" / "mine"))
+    return cfg
+

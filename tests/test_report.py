@@ -191,17 +191,6 @@ def data_images(node: Node) -> list[bytes]:
 # fixtures
 
 
-@pytest.fixture
-def run_cfg(tmp_path: Path) -> RunConfig:
-    cfg = RunConfig()
-    cfg.run.workdir = str(tmp_path / "work")
-    cfg.run.name = "toy-run"
-    cfg.tracking.enabled = False
-    cfg.run.overwrite = True  # tests render one workdir many times, with other settings
-    make_top_examples(str(tmp_path / "work" / "mine"))
-    return cfg
-
-
 def render(run_cfg: RunConfig, **kw) -> tuple[Node, str, StageOutputs]:
     out = report.run(run_cfg, **kw)
     html = Path(out.uris["index"]).read_text()

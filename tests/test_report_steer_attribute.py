@@ -13,8 +13,8 @@ from PIL import Image
 from test_report import (
     XSS,
     data_images,
-    make_top_examples,
     parse,
+    render,
     section,
     write_jsonl,
 )
@@ -136,23 +136,6 @@ def make_attributions(folder: Path, rows: list[dict] = ATTRIBUTED, shade: int = 
             names.append(name)
     storage.write_manifest(uri, "attributions", files=names, extra={"hookpoint": "layers.1", "figures": {}})
     return uri
-
-
-@pytest.fixture
-def run_cfg(tmp_path: Path) -> RunConfig:
-    cfg = RunConfig()
-    cfg.run.workdir = str(tmp_path / "work")
-    cfg.run.name = "toy-run"
-    cfg.tracking.enabled = False
-    cfg.run.overwrite = True
-    make_top_examples(str(tmp_path / "work" / "mine"))
-    return cfg
-
-
-def render(run_cfg: RunConfig, **kw):
-    out = report.run(run_cfg, **kw)
-    html = Path(out.uris["index"]).read_text()
-    return parse(html), html, out
 
 
 def plotted(sec, series: str) -> list[tuple[float, float]]:

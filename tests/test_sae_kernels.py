@@ -157,16 +157,20 @@ def test_sparse_decode_passes_gradcheck_in_float64() -> None:
     assert torch.autograd.gradcheck(lambda a, w_, b_: sparse_decode(a, idx, w_, b_), (acts, w, b))
 
 
-def test_topk_encode_passes_gradcheck_in_float64() -> None:
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    b_dec = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(12, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize(("seed", "tokens", "width", "every", "aux_dense", "chunk_rows"), [
+    (7, 4, 5, 2, False, 3),  # the auxiliary selection from masked chunks
+    (12, 5, 4, 3, True, 2),  # taken densely over the masked latents' columns
+])
+def test_topk_encode_passes_gradcheck_in_float64(seed, tokens, width, every, aux_dense, chunk_rows) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, width, generator=gen, dtype=torch.float64, requires_grad=True)
+    b_dec = torch.randn(width, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, width, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(12, generator=gen, dtype=torch.float64, requires_grad=True)
-    mask = torch.arange(12) % 2 == 0
+    mask = torch.arange(12) % every == 0
 
     def fn(x_, b_dec_, w_, b_):
-        enc = topk_encode(x_, b_dec_, w_, b_, 3, aux_mask=mask, k_aux=2, chunk_rows=3)
+        enc = topk_encode(x_, b_dec_, w_, b_, 3, aux_mask=mask, k_aux=2, aux_dense=aux_dense, chunk_rows=chunk_rows)
         return enc.acts, enc.aux_acts
 
     assert torch.autograd.gradcheck(fn, (x, b_dec, w, b))
@@ -290,21 +294,6 @@ def test_dense_aux_selection_matches_the_masked_one_with_gradients(input_grad: b
     for masked_grad, dense_grad in zip(results[0][1], results[1][1], strict=True):
         if input_grad or masked_grad is not None:
             torch.testing.assert_close(dense_grad, masked_grad)
-
-
-def test_topk_encode_with_a_dense_aux_selection_passes_gradcheck() -> None:
-    gen = torch.Generator().manual_seed(12)
-    x = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    b_dec = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(12, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(12, generator=gen, dtype=torch.float64, requires_grad=True)
-    mask = torch.arange(12) % 3 == 0
-
-    def fn(x_, b_dec_, w_, b_):
-        enc = topk_encode(x_, b_dec_, w_, b_, 3, aux_mask=mask, k_aux=2, aux_dense=True, chunk_rows=2)
-        return enc.acts, enc.aux_acts
-
-    assert torch.autograd.gradcheck(fn, (x, b_dec, w, b))
 
 
 @pytest.mark.parametrize("subset", [False, True])

@@ -274,17 +274,12 @@ class SetWriter:
         self._pending: deque[Future[int]] = deque()
         self._lock = threading.Lock()
         self._first_failed: int | None = None
-        self._closing = False
 
     def submit(self, index: int, buf: SetBuffer, end_image: int, progress: dict[str, Any]) -> None:
         files = self._files.submit(self._write, index, buf, end_image)
         self._pending.append(self._commits.submit(self._commit, index, files, progress))
 
     def _write(self, index: int, buf: SetBuffer, end_image: int) -> WrittenSet:
-        with self._lock:
-            closing = self._closing
-        if closing:
-            raise CacheWriteError(f"shard set {index} not written: the writer was closed first")
         self._raise_if_failed_before(index, "written")
         try:
             return self._write_files(index, buf, end_image)
@@ -325,7 +320,6 @@ class SetWriter:
     def close(self) -> None:
         """Stop: sets not started are dropped, the ones being written finish and are committed if they can be
         (a set queued behind them is neither written nor recorded; a resumed run writes it)."""
-        with self._lock:
-            self._closing = True
+        self._files.shutdown(wait=False, cancel_futures=True)  # the commits of cancelled sets fail, unrecorded
         self._commits.shutdown(wait=True, cancel_futures=True)
-        self._files.shutdown(wait=True, cancel_futures=True)
+        self._files.shutdown(wait=True)
